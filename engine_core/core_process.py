@@ -1,0 +1,188 @@
+"""The engine-core process: one busy loop stepping EngineCore, fed and drained by two I/O threads.
+
+Started by the API process as `python -m engine_core.core_process INPUT_ADDR OUTPUT_ADDR` with
+the msgspec-JSON-encoded EngineConfig as the first line of stdin. Stdin then stays open as a
+lifeline: it reaches EOF when the API process closes it (orderly shutdown) or dies (so the
+engine never outlives its frontend, even after a SIGKILL).
+
+Sockets: a DEALER connected to the frontend's ROUTER carries requests in (and the EngineReady
+handshake out); a PUSH connected to the frontend's PULL carries EngineCoreOutputs out. Socket
+I/O and msgspec (de)serialization run in the two threads, so the busy loop only ever touches
+Python objects through `queue.Queue`s and never blocks on a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import traceback
+from typing import Any
+
+import msgspec
+import zmq
+
+from engine_core.config import EngineConfig
+from engine_core.engine import EngineCore
+from engine_core.protocol import (
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    RequestType,
+    UtilityOutput,
+    UtilityRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+# EngineCore methods the frontend may call by name through a UtilityRequest.
+UTILITY_METHODS = frozenset({"reset_prefix_cache", "get_kv_cache_stats"})
+
+# How long a dying engine waits for its last messages (the engine_dead notice) to leave.
+_SEND_LINGER_MS = 2000
+
+InputItem = tuple[RequestType, Any]
+
+
+class EngineCoreProc:
+    """Owns the EngineCore and the busy loop; the I/O threads own one socket each."""
+
+    def __init__(self, engine: EngineCore, input_socket: zmq.Socket, output_socket: zmq.Socket) -> None:
+        self.engine = engine
+        self.input_queue: queue.Queue[InputItem] = queue.Queue()
+        self.output_queue: queue.Queue[EngineCoreOutputs | None] = queue.Queue()
+        self.input_thread = threading.Thread(target=self._input_loop, args=(input_socket,),
+                                             name="engine-input", daemon=True)
+        self.output_thread = threading.Thread(target=self._output_loop, args=(output_socket,),
+                                              name="engine-output", daemon=True)
+
+    def run(self) -> None:
+        self.input_thread.start()
+        self.output_thread.start()
+        while True:
+            self._process_input_queue()
+            if self.engine.has_unfinished_requests():
+                self.output_queue.put_nowait(self.engine.step())
+
+    def _process_input_queue(self) -> None:
+        # Idle: sleep on the queue instead of spinning. Busy: take only what is already there.
+        if not self.engine.has_unfinished_requests():
+            self._handle(*self.input_queue.get())
+        while True:
+            try:
+                item = self.input_queue.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(*item)
+
+    def _handle(self, request_type: RequestType, payload: Any) -> None:
+        if request_type is RequestType.ADD:
+            self.engine.add_request(payload)
+        elif request_type is RequestType.ABORT:
+            self.engine.abort_requests(payload)
+        else:
+            self.output_queue.put_nowait(EngineCoreOutputs(utility_output=self._call_utility(payload)))
+
+    def _call_utility(self, call: UtilityRequest) -> UtilityOutput:
+        if call.method not in UTILITY_METHODS:
+            return UtilityOutput(call.call_id, error=f"unknown utility method {call.method!r}")
+        try:
+            args = [msgspec.msgpack.decode(arg) for arg in call.args]
+            result = getattr(self.engine, call.method)(*args)
+            return UtilityOutput(call.call_id, result=msgspec.Raw(msgspec.msgpack.encode(result)))
+        except Exception as e:  # a failed RPC is the caller's error, not the engine's death
+            logger.exception("utility call %s failed", call.method)
+            return UtilityOutput(call.call_id, error=f"{type(e).__name__}: {e}")
+
+    def _input_loop(self, sock: zmq.Socket) -> None:
+        add_decoder = msgspec.msgpack.Decoder(EngineCoreRequest)
+        abort_decoder = msgspec.msgpack.Decoder(list[str])
+        utility_decoder = msgspec.msgpack.Decoder(UtilityRequest)
+        decoders = {RequestType.ADD: add_decoder, RequestType.ABORT: abort_decoder,
+                    RequestType.UTILITY: utility_decoder}
+        try:
+            while True:
+                type_frame, payload = sock.recv_multipart(copy=False)
+                try:
+                    request_type = RequestType(type_frame.bytes)
+                    self.input_queue.put_nowait((request_type, decoders[request_type].decode(payload.buffer)))
+                except (ValueError, msgspec.DecodeError):
+                    # Only our own frontend talks to this socket: a bad frame is a bug there,
+                    # and dropping it keeps every other request alive.
+                    logger.exception("dropping an undecodable message from the frontend")
+        except zmq.ContextTerminated:
+            sock.close(linger=0)
+
+    def _output_loop(self, sock: zmq.Socket) -> None:
+        encoder = msgspec.msgpack.Encoder()
+        while (outputs := self.output_queue.get()) is not None:
+            sock.send(encoder.encode(outputs), copy=False)
+        sock.close(linger=_SEND_LINGER_MS)
+
+    def stop_output(self, last: EngineCoreOutputs | None = None) -> None:
+        """Send `last` (if any) after everything queued, then close the output socket."""
+        if last is not None:
+            self.output_queue.put_nowait(last)
+        self.output_queue.put_nowait(None)
+        if self.output_thread.is_alive():
+            self.output_thread.join(timeout=_SEND_LINGER_MS / 1000 + 1)
+
+
+def _watch_lifeline(stdin: Any) -> None:
+    stdin.read()  # returns at EOF: the frontend closed the pipe or exited
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _raise_system_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> int:
+    """Run until told to stop (0) or until a fatal error (1), announced as engine_dead."""
+    ctx = zmq.Context()
+    input_socket = ctx.socket(zmq.DEALER)
+    input_socket.connect(input_addr)
+    output_socket = ctx.socket(zmq.PUSH)
+    output_socket.setsockopt(zmq.SNDHWM, 0)  # never block the output thread on a slow frontend
+    output_socket.connect(output_addr)
+    proc: EngineCoreProc | None = None
+    try:
+        engine = EngineCore(config)
+        input_socket.send(msgspec.msgpack.encode(engine.ready))
+        proc = EngineCoreProc(engine, input_socket, output_socket)
+        proc.run()
+    except SystemExit:
+        logger.info("engine core shutting down")
+        if proc is not None:
+            proc.engine.shutdown()
+            proc.stop_output()
+        return 0
+    except BaseException as e:
+        logger.exception("engine core died")
+        if proc is None:
+            return 1  # never ready: the frontend sees the process exit during the handshake
+        proc.stop_output(EngineCoreOutputs(engine_dead=f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        return 1
+    finally:
+        if proc is None:
+            input_socket.close(linger=0)
+            output_socket.close(linger=0)
+        ctx.term()  # wakes the input thread (ContextTerminated), which closes its socket
+    return 0
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine_core: %(message)s")
+    input_addr, output_addr = sys.argv[1], sys.argv[2]
+    config = msgspec.json.decode(sys.stdin.buffer.readline(), type=EngineConfig)
+    # Ctrl-C reaches the whole process group; the frontend decides when the engine stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+    threading.Thread(target=_watch_lifeline, args=(sys.stdin.buffer,), name="lifeline", daemon=True).start()
+    sys.exit(run_engine_core(config, input_addr, output_addr))
+
+
+if __name__ == "__main__":
+    main()

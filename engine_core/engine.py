@@ -1,0 +1,112 @@
+"""EngineCore: the scheduler and the executor, stepped by whoever owns it (the engine-core
+process's busy loop, or the offline `LLM`)."""
+
+from __future__ import annotations
+
+import logging
+
+from engine_core.config import EngineConfig
+from engine_core.executor import Executor
+from engine_core.kv_cache_manager import KVCacheManager
+from engine_core.protocol import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineReady,
+    FinishReason,
+)
+from engine_core.request import Request
+from engine_core.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.executor = Executor(config)
+        info = self.executor.model_info()
+        self.max_model_len = info.max_model_len
+        self.vocab_size = info.vocab_size
+        self.eos_token_ids = frozenset(info.eos_token_ids)
+        kv_capacity = info.num_kv_blocks * config.block_size
+        if kv_capacity < self.max_model_len:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) must be <= the KV cache capacity of "
+                f"{kv_capacity} tokens: lower max_model_len or give the KV cache more memory")
+        self.kv_cache_manager = KVCacheManager(info.num_kv_blocks, config.block_size,
+                                               config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_batched_tokens,
+                                   config.max_num_seqs, self.max_model_len)
+        self.ready = EngineReady(
+            model_path=info.model_path,
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            num_kv_blocks=info.num_kv_blocks,
+            block_size=config.block_size,
+            kv_capacity_tokens=kv_capacity,
+            max_concurrency=kv_capacity / self.max_model_len,
+            device=info.device,
+            dtype=info.dtype,
+            eos_token_ids=info.eos_token_ids,
+        )
+        # Requests refused at admission; reported with the next step's outputs.
+        self.rejected: list[EngineCoreOutput] = []
+        logger.info("model %s on %s (%s): KV cache of %d tokens, max concurrency %.2fx at "
+                    "max_model_len %d", info.model_path, info.device, info.dtype, kv_capacity,
+                    self.ready.max_concurrency, self.max_model_len)
+
+    def validate_request(self, request: EngineCoreRequest) -> None:
+        """Raise ValueError naming what is wrong with a request, before any work is done."""
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise ValueError("prompt must contain at least one token")
+        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < self.vocab_size)), None)
+        if bad is not None:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad!r}")
+        if len(prompt) > self.max_model_len:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens; "
+                             f"the prompt has {len(prompt)} tokens")
+        request.sampling_params.validate(self.vocab_size)
+        if request.request_id in self.scheduler.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        """Queue a request; a bad one never raises here but finishes with an error output,
+        so one client's mistake cannot take the engine (or other requests) down."""
+        try:
+            self.validate_request(request)
+        except ValueError as e:
+            self.rejected.append(EngineCoreOutput(request_id=request.request_id, new_token_ids=[],
+                                                  finish_reason=FinishReason.ERROR, error=str(e)))
+            return
+        self.scheduler.add_request(Request(request, self.eos_token_ids))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.abort_requests(request_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.rejected) or self.scheduler.has_unfinished_requests()
+
+    def step(self) -> EngineCoreOutputs:
+        rejected, self.rejected = self.rejected, []
+        if not self.scheduler.has_unfinished_requests():
+            return self.scheduler.make_outputs(rejected, 0)
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.executor.execute_model(scheduler_output)
+        outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        return self.scheduler.make_outputs(rejected + outputs, scheduler_output.total_num_scheduled_tokens)
+
+    # ---- utility RPC targets ----
+
+    def reset_prefix_cache(self) -> bool:
+        self.kv_cache_manager.reset_prefix_cache()
+        return True
+
+    def get_kv_cache_stats(self) -> dict[str, float]:
+        kv = self.kv_cache_manager
+        return {"num_free_blocks": kv.num_free_blocks, "num_total_blocks": kv.block_pool.num_blocks,
+                "usage": kv.usage()}
+
+    def shutdown(self) -> None:
+        self.scheduler.abort_requests(list(self.scheduler.requests))

@@ -1,0 +1,231 @@
+"""Wire structs between the API process and the engine core, and between the engine core and
+its workers.
+
+Everything here is a msgspec Struct encoded as msgpack: nothing on a socket is ever pickled.
+`array_like=True` encodes structs as arrays (no field names on the wire) and `gc=False` keeps
+these short-lived, cycle-free objects out of the garbage collector. This module imports no
+torch, so the API process can use it and stay small.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+
+import msgspec
+
+_STRUCT = dict(array_like=True, omit_defaults=True, gc=False)
+
+
+class RequestType(bytes, enum.Enum):
+    """First frame of every message the API process sends to the engine core."""
+
+    ADD = b"\x00"
+    ABORT = b"\x01"
+    UTILITY = b"\x02"
+
+
+class FinishReason(enum.IntEnum):
+    STOP = 0
+    LENGTH = 1
+    ABORT = 2
+    ERROR = 3
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+class SamplingParams(msgspec.Struct, **_STRUCT):
+    """Per-request sampling and stopping controls, as in vLLM (OpenAI's plus vLLM's extras).
+
+    `n` and stop strings are not here: the frontend fans `n` out into child requests and
+    matches stop strings after detokenization.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 (or 0) disables top-k
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives besides the sampled token
+    prompt_logprobs: int | None = None
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the first bad field, its value and the allowed range."""
+        check_arg(math.isfinite(self.temperature) and self.temperature >= 0.0,
+               "temperature", self.temperature, "a finite number >= 0")
+        check_arg(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "(0, 1]")
+        check_arg(self.top_k >= -1, "top_k", self.top_k, "-1 (disabled) or >= 1")
+        check_arg(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "[0, 1]")
+        check_arg(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty, "[-2, 2]")
+        check_arg(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", self.frequency_penalty, "[-2, 2]")
+        check_arg(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0,
+               "repetition_penalty", self.repetition_penalty, "a finite number > 0")
+        if self.max_tokens is not None:
+            check_arg(self.max_tokens >= 1, "max_tokens", self.max_tokens, ">= 1")
+        check_arg(self.min_tokens >= 0, "min_tokens", self.min_tokens, ">= 0")
+        if self.max_tokens is not None:
+            check_arg(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
+                   f"<= max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                check_arg(0 <= value <= MAX_LOGPROBS, name, value, f"[0, {MAX_LOGPROBS}]")
+        if self.seed is not None:
+            check_arg(-(2**63) <= self.seed < 2**63, "seed", self.seed, "a 64-bit integer")
+        if vocab_size is not None:
+            for token_id in self.stop_token_ids:
+                check_arg(0 <= token_id < vocab_size, "stop_token_ids", token_id, f"[0, {vocab_size})")
+            for token_id, bias in (self.logit_bias or {}).items():
+                check_arg(0 <= token_id < vocab_size, "logit_bias", token_id, f"token ids in [0, {vocab_size})")
+                check_arg(-100.0 <= bias <= 100.0, "logit_bias", bias, "biases in [-100, 100]")
+
+
+MAX_LOGPROBS = 20
+
+
+def check_arg(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+class EngineCoreRequest(msgspec.Struct, **_STRUCT):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float = 0.0
+    priority: int = 0  # lower is served first, as in vLLM
+
+
+class Logprobs(msgspec.Struct, **_STRUCT):
+    """Logprobs of consecutive positions. Row i holds the token actually at that position
+    first, then the top-k alternatives; `ranks[i]` is the rank of that token (1 = argmax)."""
+
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    ranks: list[int]
+
+
+class EngineCoreOutput(msgspec.Struct, **_STRUCT):
+    """What happened to one request in one step: only the delta since the last output."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: Logprobs | None = None
+    prompt_logprobs: Logprobs | None = None  # once, with the first output; row 0 is the 2nd prompt token
+    finish_reason: FinishReason | None = None
+    stop_reason: int | None = None  # the stop token id that finished the request
+    num_cached_tokens: int = 0
+    error: str | None = None  # with finish_reason ERROR
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class SchedulerStats(msgspec.Struct, **_STRUCT):
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    kv_cache_usage: float = 0.0
+    num_free_blocks: int = 0
+    prefix_cache_queries: int = 0  # tokens looked up since the last stats
+    prefix_cache_hits: int = 0  # tokens found since the last stats
+    num_preemptions: int = 0
+    num_batched_tokens: int = 0
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+
+
+class EngineCoreOutputs(msgspec.Struct, **_STRUCT):
+    outputs: list[EngineCoreOutput] = []
+    scheduler_stats: SchedulerStats | None = None
+    timestamp: float = 0.0
+    # Set on the last message of a dying engine core; the frontend fails every request.
+    engine_dead: str | None = None
+    # Answer to a UtilityRequest, matched by call_id.
+    utility_output: UtilityOutput | None = None
+
+
+class UtilityRequest(msgspec.Struct, **_STRUCT):
+    """A small RPC to the engine core: `method` is one of EngineCore's utility methods."""
+
+    call_id: int
+    method: str
+    args: list[msgspec.Raw] = []
+
+
+class UtilityOutput(msgspec.Struct, **_STRUCT):
+    call_id: int
+    result: msgspec.Raw | None = None
+    error: str | None = None
+
+
+class EngineReady(msgspec.Struct, **_STRUCT):
+    """The engine core's handshake: sent once its model and KV cache are ready."""
+
+    model_path: str  # resolved local directory: the frontend loads the tokenizer from it
+    max_model_len: int
+    vocab_size: int
+    num_kv_blocks: int
+    block_size: int
+    kv_capacity_tokens: int
+    max_concurrency: float  # requests of max_model_len tokens that fit in the KV cache
+    device: str
+    dtype: str
+    eos_token_ids: list[int]
+
+
+def now() -> float:
+    return time.time()
+
+
+# Engine core -> workers. The executor hands these to the model runner in-process, or sends
+# them to worker processes; either way they are plain structs.
+
+
+class NewRequestData(msgspec.Struct, **_STRUCT):
+    """A request the workers have not seen, or one resumed after preemption (then
+    `token_ids` holds its outputs so far too, and the workers recompute them)."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+class CachedRequestData(msgspec.Struct, **_STRUCT):
+    """Requests the workers already hold, parallel lists."""
+
+    request_ids: list[str] = []
+    new_block_ids: list[list[int]] = []  # blocks appended this step
+    num_computed_tokens: list[int] = []
+
+
+class SchedulerOutput(msgspec.Struct, **_STRUCT):
+    # request_id -> tokens to run this step; its order is the batch order.
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    new_requests: list[NewRequestData] = []
+    cached_requests: CachedRequestData = msgspec.field(default_factory=CachedRequestData)
+    # Requests the workers must forget: finished, aborted, or preempted since the last step.
+    finished_request_ids: list[str] = []
+
+
+class ModelRunnerOutput(msgspec.Struct, **_STRUCT):
+    # Requests that sampled this step (those whose prefill is complete), in batch order.
+    request_ids: list[str]
+    sampled_token_ids: list[list[int]]
+    logprobs: dict[str, Logprobs] = {}
+    prompt_logprobs: dict[str, Logprobs] = {}  # chunks of prompt logprobs computed this step

@@ -1,0 +1,60 @@
+"""The engine core's state of one request."""
+
+from __future__ import annotations
+
+import enum
+
+from engine_core.protocol import EngineCoreRequest, FinishReason, Logprobs, SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2  # waiting again, its KV freed; it recomputes from its tokens so far
+    FINISHED = 3
+
+
+class Request:
+    """A request's tokens and progress.
+
+    `num_computed_tokens` counts tokens whose KV is in the cache; the scheduler gives the
+    request `num_tokens - num_computed_tokens` more (chunked to the step's budget) until it
+    catches up, at which point the step samples its next token. Prefill and decode are the
+    same thing seen at different distances from catching up.
+    """
+
+    def __init__(self, request: EngineCoreRequest, eos_token_ids: frozenset[int]) -> None:
+        self.request_id: str = request.request_id
+        self.prompt_token_ids: list[int] = request.prompt_token_ids
+        self.sampling_params: SamplingParams = request.sampling_params
+        self.arrival_time: float = request.arrival_time
+        self.priority: int = request.priority
+        self.num_prompt_tokens: int = len(request.prompt_token_ids)
+        self.all_token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_computed_tokens: int = 0
+        self.num_cached_tokens: int = -1  # prefix-cache hit of the first scheduling; -1: not yet
+        self.status: RequestStatus = RequestStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: int | None = None
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks of all_token_ids
+        self.prompt_logprobs: list[Logprobs] = []  # chunks gathered until the first output
+        params = request.sampling_params
+        self.stop_token_ids: frozenset[int] = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else eos_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def finish(self, reason: FinishReason, stop_reason: int | None = None) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason

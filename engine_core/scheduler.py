@@ -1,0 +1,223 @@
+"""The scheduler: one token-budget loop, no prefill or decode phases.
+
+Each step gives every request tokens so that its `num_computed_tokens` catches up with its
+`num_tokens`, running requests first and then waiting ones, within `max_num_batched_tokens`
+and `max_num_seqs`. A long prompt is simply truncated to the budget left (chunked prefill).
+When the KV pool runs dry, the newest running request is preempted by recompute.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from engine_core.kv_cache_manager import KVCacheManager
+from engine_core.protocol import (
+    CachedRequestData,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    FinishReason,
+    Logprobs,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    SchedulerStats,
+    now,
+)
+from engine_core.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, kv_cache_manager: KVCacheManager, max_num_batched_tokens: int,
+                 max_num_seqs: int, max_model_len: int) -> None:
+        self.kv_cache_manager = kv_cache_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Requests the workers must drop at the next step (finished, aborted, preempted).
+        self.finished_request_ids: list[str] = []
+        self.num_preemptions = 0  # since the last stats
+
+    # ---- requests in and out ----
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort_requests(self, request_ids: list[str]) -> list[Request]:
+        aborted = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.finish(FinishReason.ABORT)
+            self._free(request)
+            aborted.append(request)
+        return aborted
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _free(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        self.finished_request_ids.append(request.request_id)
+        del self.requests[request.request_id]
+
+    # ---- the step ----
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        cached = CachedRequestData()
+        new_requests: list[NewRequestData] = []
+        kv = self.kv_cache_manager
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_blocks_before = len(kv.req_to_blocks[request.request_id])
+            while not kv.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                num_scheduled[request.request_id] = num_new
+                budget -= num_new
+                cached.request_ids.append(request.request_id)
+                cached.new_block_ids.append(kv.get_block_ids(request.request_id)[num_blocks_before:])
+                cached.num_computed_tokens.append(request.num_computed_tokens)
+                i += 1
+
+        # Waiting requests only join a step that preempted nobody: otherwise the pool is
+        # already too small for those running.
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) < self.max_num_seqs):
+            request = self.waiting[0]
+            hits, num_hit_tokens = kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            if not kv.allocate_slots(request, num_new, hits):
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            new_requests.append(NewRequestData(
+                request_id=request.request_id,
+                token_ids=request.all_token_ids,
+                num_prompt_tokens=request.num_prompt_tokens,
+                sampling_params=request.sampling_params,
+                block_ids=kv.get_block_ids(request.request_id),
+                num_computed_tokens=num_hit_tokens,
+            ))
+
+        output = SchedulerOutput(
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
+            new_requests=new_requests,
+            cached_requests=cached,
+            finished_request_ids=self.finished_request_ids,
+        )
+        self.finished_request_ids = []
+        # The tokens are as good as computed: the next step schedules from there.
+        for request_id, n in num_scheduled.items():
+            self.requests[request_id].num_computed_tokens += n
+        return output
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.prompt_logprobs = []  # recomputed with the prompt
+        self.waiting.appendleft(request)
+        # The workers forget it and get it back whole, as a new request, when it resumes.
+        self.finished_request_ids.append(request.request_id)
+        self.num_preemptions += 1
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Append sampled tokens, finish requests that hit a stop condition, and return each
+        request's delta."""
+        outputs: list[EngineCoreOutput] = []
+        for request_id, prompt_logprobs in runner_output.prompt_logprobs.items():
+            request = self.requests.get(request_id)
+            if request is not None:
+                request.prompt_logprobs.append(prompt_logprobs)
+        for request_id, token_ids in zip(runner_output.request_ids, runner_output.sampled_token_ids):
+            request = self.requests.get(request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            new_token_ids = self._append_and_check_stop(request, token_ids)
+            outputs.append(EngineCoreOutput(
+                request_id=request_id,
+                new_token_ids=new_token_ids,
+                new_logprobs=runner_output.logprobs.get(request_id),
+                prompt_logprobs=_merge_logprobs(request.prompt_logprobs) if request.prompt_logprobs else None,
+                finish_reason=request.finish_reason,
+                stop_reason=request.stop_reason,
+                num_cached_tokens=request.num_cached_tokens,
+            ))
+            request.prompt_logprobs = []
+            if request.is_finished:
+                self.running.remove(request)
+                self._free(request)
+        return outputs
+
+    def _append_and_check_stop(self, request: Request, token_ids: list[int]) -> list[int]:
+        params = request.sampling_params
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len
+        for n, token_id in enumerate(token_ids, start=1):
+            request.all_token_ids.append(token_id)
+            num_output = request.num_output_tokens
+            # The sampler masks stop tokens until min_tokens are out, so one here is final.
+            if token_id in request.stop_token_ids and num_output > params.min_tokens:
+                stop_reason = token_id if token_id in params.stop_token_ids else None
+                request.finish(FinishReason.STOP, stop_reason)
+                return token_ids[:n]
+            if num_output >= max_tokens or request.num_tokens >= self.max_model_len:
+                request.finish(FinishReason.LENGTH)
+                return token_ids[:n]
+        return token_ids
+
+    def make_stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        stats = SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=kv.usage(),
+            num_free_blocks=kv.num_free_blocks,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+        )
+        kv.prefix_cache_queries = kv.prefix_cache_hits = 0
+        self.num_preemptions = 0
+        return stats
+
+    def make_outputs(self, outputs: list[EngineCoreOutput], num_batched_tokens: int) -> EngineCoreOutputs:
+        stats = self.make_stats()
+        stats.num_batched_tokens = num_batched_tokens
+        return EngineCoreOutputs(outputs=outputs, scheduler_stats=stats, timestamp=now())
+
+
+def _merge_logprobs(chunks: list[Logprobs]) -> Logprobs:
+    if len(chunks) == 1:
+        return chunks[0]
+    return Logprobs(
+        token_ids=[row for c in chunks for row in c.token_ids],
+        logprobs=[row for c in chunks for row in c.logprobs],
+        ranks=[r for c in chunks for r in c.ranks],
+    )

@@ -1,0 +1,320 @@
+"""Triton kernels of the paged KV cache: writing the step's keys/values, and paged attention.
+
+Semantics are those of `kernels.reference`. The attention kernel serves every batch in one
+launch: prefill chunks over a cached prefix, decodes, speculative-decoding verification and
+requests with no query tokens this step. Its grid and its configuration depend only on tensor
+shapes, never on tensor values, so a call makes no host sync and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# exp2 is cheaper than exp on the GPU; folding log2(e) into the softmax scale makes them equal.
+_LOG2E = 1.4426950408889634
+# Masked scores start from a finite floor rather than -inf: a query row that sees no key in
+# some KV range (a split before its causal boundary) then gets weight exp2(floor - floor) = 1
+# on an all-zero accumulator instead of exp2(-inf + inf) = NaN.
+_NEG_FLOOR = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _write_kv_cache_kernel(
+    key_ptr, value_ptr, cache_ptr, slot_mapping_ptr,
+    stride_key_t, stride_key_h, stride_value_t, stride_value_h,
+    stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_h,
+    num_kv_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+):
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:  # padding token
+        return
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (heads[:, None] < num_kv_heads) & (dims[None, :] < HEAD_DIM)
+    cache_offsets = ((slot // PAGE_SIZE) * stride_cache_block + (slot % PAGE_SIZE) * stride_cache_slot
+                     + heads[:, None] * stride_cache_h + dims[None, :])
+    key = tl.load(key_ptr + token * stride_key_t + heads[:, None] * stride_key_h + dims[None, :],
+                  mask=mask)
+    value = tl.load(value_ptr + token * stride_value_t + heads[:, None] * stride_value_h + dims[None, :],
+                    mask=mask)
+    cache_dtype = cache_ptr.dtype.element_ty
+    tl.store(cache_ptr + cache_offsets, key.to(cache_dtype), mask=mask)
+    tl.store(cache_ptr + stride_cache_kv + cache_offsets, value.to(cache_dtype), mask=mask)
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    assert key.stride(-1) == 1 and value.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    _write_kv_cache_kernel[(num_tokens,)](
+        key, value, kv_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        num_kv_heads,
+        HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=kv_cache.shape[2],
+    )
+
+
+@triton.jit
+def _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q: tl.constexpr):
+    """The request owning query tile `tile`: request i's tiles start at
+    `query_start_loc[i] // BLOCK_Q + i`, a strictly increasing sequence, so binary-search for
+    the last start <= tile. Bounding each request's tile count this way (at most one partial
+    tile more than its share of the flat token range) lets the grid size depend on shapes only."""
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_reqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_tile <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_kv_tiles(acc, row_sum, row_max, q, k_ptr, v_ptr, block_table_ptr, q_pos, kv_end,
+                     tile_lo, tile_hi, qk_scale, stride_cache_block, stride_cache_slot, dims,
+                     dim_mask,
+                     CAUSAL_MASK: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """Online softmax of the query tile over KV tiles [tile_lo, tile_hi) of BLOCK_N keys.
+
+    Without CAUSAL_MASK every key of those tiles is visible to every query row: the caller puts
+    only the tiles before the causal boundary of the query tile's first row there, which is all
+    of a long context but the last tile, and skips the masking arithmetic for them."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for kv_tile in range(tile_lo, tile_hi):
+        kv_pos = kv_tile * BLOCK_N + offs_n
+        if CAUSAL_MASK:
+            kv_valid = kv_pos < kv_end
+            pages = tl.load(block_table_ptr + kv_pos // PAGE_SIZE, mask=kv_valid, other=0)
+            kv_mask = kv_valid[:, None] & dim_mask[None, :]
+        else:
+            pages = tl.load(block_table_ptr + kv_pos // PAGE_SIZE)
+            kv_mask = dim_mask[None, :]
+        offsets = (pages.to(tl.int64)[:, None] * stride_cache_block
+                   + (kv_pos % PAGE_SIZE)[:, None] * stride_cache_slot + dims[None, :])
+        # Masked-off slots load as 0: stale cache memory may hold NaN, and 0 * NaN poisons.
+        k = tl.load(k_ptr + offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + offsets, mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if CAUSAL_MASK:
+            scores = tl.where(kv_pos[None, :] <= q_pos[:, None], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        alpha = tl.exp2(row_max - new_max)
+        p = tl.exp2(scores - new_max[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        row_max = new_max
+    return acc, row_sum, row_max
+
+
+@triton.jit
+def _paged_attention_kernel(
+    query_ptr, cache_ptr, out_ptr, split_acc_ptr, split_stats_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    qk_scale, num_reqs, num_heads, num_split_rows,
+    stride_q_t, stride_q_h, stride_out_t, stride_out_h,
+    stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_h,
+    stride_block_tables,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: a tile of BLOCK_Q query tokens x the GROUP query heads of one KV head (so
+    the group's heads share every K/V load), over the KV range of one split.
+
+    Row r of the tile is query token r // GROUP, head kv_head * GROUP + r % GROUP."""
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    req = _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q)
+    q_begin = tl.load(query_start_loc_ptr + req)
+    num_queries = tl.load(query_start_loc_ptr + req + 1) - q_begin
+    q_tile = tile - (q_begin // BLOCK_Q + req)
+    if q_tile * BLOCK_Q >= num_queries:  # the grid's spare tiles, and requests with no queries
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    context_len = seq_len - num_queries
+
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_tile * BLOCK_Q + rows // GROUP
+    heads = kv_head * GROUP + rows % GROUP
+    row_valid = (rows < BLOCK_Q * GROUP) & (q_idx < num_queries)
+    q_pos = context_len + q_idx  # absolute position of each row's query token
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    tokens = (q_begin + q_idx).to(tl.int64)
+    q = tl.load(query_ptr + tokens[:, None] * stride_q_t + heads[:, None] * stride_q_h + dims[None, :],
+                mask=row_valid[:, None] & dim_mask[None, :], other=0.0)
+
+    # Keys [0, kv_end) are visible to some row of the tile; keys below the first row's position
+    # (+1) to all rows, so the tiles entirely below it need no causal mask.
+    first_pos = context_len + q_tile * BLOCK_Q
+    kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
+    num_kv_tiles = tl.cdiv(kv_end, BLOCK_N)
+    num_unmasked_tiles = (first_pos + 1) // BLOCK_N
+    # Flash-decoding: each split takes an equal share of this request's KV tiles.
+    tiles_per_split = tl.cdiv(num_kv_tiles, NUM_SPLITS)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_kv_tiles)
+
+    k_ptr = cache_ptr + kv_head * stride_cache_h
+    v_ptr = k_ptr + stride_cache_kv
+    block_table_ptr = block_tables_ptr + req.to(tl.int64) * stride_block_tables
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], _NEG_FLOOR, dtype=tl.float32)
+    acc, row_sum, row_max = _attend_kv_tiles(
+        acc, row_sum, row_max, q, k_ptr, v_ptr, block_table_ptr, q_pos, kv_end,
+        tile_lo, tl.minimum(tile_hi, num_unmasked_tiles), qk_scale,
+        stride_cache_block, stride_cache_slot, dims, dim_mask,
+        CAUSAL_MASK=False, BLOCK_N=BLOCK_N, PAGE_SIZE=PAGE_SIZE, DOT_PRECISION=DOT_PRECISION)
+    acc, row_sum, row_max = _attend_kv_tiles(
+        acc, row_sum, row_max, q, k_ptr, v_ptr, block_table_ptr, q_pos, kv_end,
+        tl.maximum(tile_lo, num_unmasked_tiles), tile_hi, qk_scale,
+        stride_cache_block, stride_cache_slot, dims, dim_mask,
+        CAUSAL_MASK=True, BLOCK_N=BLOCK_N, PAGE_SIZE=PAGE_SIZE, DOT_PRECISION=DOT_PRECISION)
+
+    out_mask = row_valid[:, None] & dim_mask[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / row_sum[:, None]
+        tl.store(out_ptr + tokens[:, None] * stride_out_t + heads[:, None] * stride_out_h + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # Unnormalized partials, [tokens * heads, splits, ...]; _combine_splits_kernel merges them.
+        split_row = (tokens * num_heads + heads) * NUM_SPLITS + split
+        tl.store(split_acc_ptr + split_row[:, None] * BLOCK_D + dims[None, :], acc, mask=out_mask)
+        tl.store(split_stats_ptr + split_row, row_max, mask=row_valid)
+        tl.store(split_stats_ptr + num_split_rows + split_row, row_sum, mask=row_valid)
+
+
+@triton.jit
+def _combine_splits_kernel(split_acc_ptr, split_stats_ptr, out_ptr, num_heads, num_split_rows,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           NUM_SPLITS: tl.constexpr):
+    """out[token, head] from its splits' (acc, max, sum): rescale each to the global max."""
+    row = tl.program_id(0) * num_heads + tl.program_id(1)
+    splits = row * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, BLOCK_D)
+    split_max = tl.load(split_stats_ptr + splits)
+    split_sum = tl.load(split_stats_ptr + num_split_rows + splits)
+    weight = tl.exp2(split_max - tl.max(split_max, 0))
+    acc = tl.load(split_acc_ptr + splits[:, None] * BLOCK_D + dims[None, :])
+    out = tl.sum(acc * weight[:, None], 0) / tl.sum(split_sum * weight, 0)
+    tl.store(out_ptr + row.to(tl.int64) * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    block_m: int  # query rows per program: block_m // group query tokens x group heads
+    block_n: int  # keys per inner-loop step
+    num_splits: int  # programs sharing one query tile's KV range (flash-decoding); 1: no split
+    num_warps: int
+    num_stages: int
+
+
+# Batches averaging at most this many query tokens per request (decodes, speculative
+# verification) are memory-bound: small query tiles, and KV splits when the requests alone
+# leave the GPU idle.
+_DECODE_QUERIES_PER_REQ = 4
+# Split until the grid has this many programs per multiprocessor, and only as far as every
+# split keeps this many KV tiles at the longest context the block table allows.
+_DECODE_PROGRAMS_PER_SM = 4
+_MIN_TILES_PER_SPLIT = 4
+_MAX_SPLITS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the Triton interpreter on the CPU
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def select_config(num_tokens: int, num_reqs: int, group: int, max_kv_len: int,
+                  num_kv_heads: int, device: torch.device) -> AttentionConfig:
+    """Pick the launch configuration from shapes alone (see the module docstring)."""
+    min_block_m = triton.next_power_of_2(group)  # every tile holds at least one whole group
+    if num_tokens > _DECODE_QUERIES_PER_REQ * num_reqs:
+        return AttentionConfig(block_m=max(64, min_block_m), block_n=64, num_splits=1,
+                               num_warps=4, num_stages=3)
+    block_n = 64
+    target_programs = _DECODE_PROGRAMS_PER_SM * _num_sms(device)
+    max_splits = min(_MAX_SPLITS, max(1, triton.cdiv(max_kv_len, block_n * _MIN_TILES_PER_SPLIT)))
+    num_splits = 1
+    while num_reqs * num_kv_heads * num_splits < target_programs and num_splits * 2 <= max_splits:
+        num_splits *= 2
+    return AttentionConfig(block_m=max(16, min_block_m), block_n=block_n, num_splits=num_splits,
+                           num_warps=4, num_stages=3)
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    num_tokens, num_heads, _ = query.shape
+    num_reqs, num_kv_heads = seq_lens.shape[0], kv_cache.shape[3]
+    config = select_config(num_tokens, num_reqs, num_heads // num_kv_heads,
+                           block_tables.shape[1] * kv_cache.shape[2], num_kv_heads, query.device)
+    return paged_attention_with_config(query, kv_cache, query_start_loc, seq_lens, block_tables,
+                                       scale, config)
+
+
+def paged_attention_with_config(query: torch.Tensor, kv_cache: torch.Tensor,
+                                query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                                block_tables: torch.Tensor, scale: float,
+                                config: AttentionConfig) -> torch.Tensor:
+    """paged_attention with an explicit configuration (tests cover each path, benchmarks tune)."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_reqs, num_kv_heads, page_size = seq_lens.shape[0], kv_cache.shape[3], kv_cache.shape[2]
+    group = num_heads // num_kv_heads
+    assert group * num_kv_heads == num_heads and config.block_m >= group
+    assert query.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if num_tokens == 0 or num_reqs == 0:
+        return out
+    block_d = triton.next_power_of_2(head_dim)
+    block_q = config.block_m // group
+    num_splits = config.num_splits
+    num_split_rows = num_tokens * num_heads * num_splits
+    if num_splits > 1:
+        split_acc = torch.empty(num_split_rows * block_d, dtype=torch.float32, device=query.device)
+        split_stats = torch.empty(2 * num_split_rows, dtype=torch.float32, device=query.device)
+    else:  # unused by the kernel; any tensor fills the argument
+        split_acc = split_stats = out
+    grid = (num_tokens // block_q + num_reqs, num_kv_heads, num_splits)
+    _paged_attention_kernel[grid](
+        query, kv_cache, out, split_acc, split_stats,
+        query_start_loc, seq_lens, block_tables,
+        scale * _LOG2E, num_reqs, num_heads, num_split_rows,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, PAGE_SIZE=page_size,
+        NUM_SPLITS=num_splits,
+        # fp32 models get exact fp32 products, not TF32's 10-bit mantissas; others are unaffected.
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if num_splits > 1:
+        _combine_splits_kernel[(num_tokens, num_heads)](
+            split_acc, split_stats, out, num_heads, num_split_rows,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+        )
+    return out

@@ -1,0 +1,53 @@
+"""The paged attention layer and the per-step metadata it reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels import ops
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step by the model runner and shared by every layer.
+
+    Request i owns query rows `query_start_loc[i]:query_start_loc[i + 1]`; after this step its
+    sequence holds `seq_lens[i]` tokens whose KV live in blocks `block_tables[i]`. Token t's
+    new key and value go to slot `slot_mapping[t]` (= block_id * block_size + offset).
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor  # [num_reqs] int32
+    block_tables: torch.Tensor  # [num_reqs, max_blocks_per_req] int32
+    max_query_len: int
+    max_seq_len: int
+
+
+class Attention(nn.Module):
+    """Writes the step's keys/values into this layer's KV cache, then attends over the cache.
+
+    The KV cache tensor is bound by the model runner after it sizes the cache
+    (`[2, num_blocks, block_size, num_kv_heads, head_dim]`).
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.kv_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        ops.write_kv_cache(k, v, self.kv_cache, attn_metadata.slot_mapping)
+        out = ops.paged_attention(q, self.kv_cache, attn_metadata.query_start_loc,
+                                  attn_metadata.seq_lens, attn_metadata.block_tables, self.scale)
+        return out.view(-1, self.num_heads * self.head_dim)

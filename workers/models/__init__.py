@@ -1,0 +1,26 @@
+"""Model definitions, and the registry from a checkpoint's `architectures` entry to the class.
+
+Every class is built as `cls(hf_config, dtype)` and exposes `forward(input_ids, positions,
+attn_metadata) -> hidden`, `compute_logits(hidden) -> float32 logits` and
+`attention_layers() -> list[Attention]`. Adding a model is adding a file and a line here.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+from torch import nn
+
+from workers.models.llama import LlamaForCausalLM, MistralForCausalLM
+from workers.models.qwen2 import Qwen2ForCausalLM
+from workers.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_REGISTRY: MappingProxyType[str, type[nn.Module]] = MappingProxyType({
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+})
+
+__all__ = ["MODEL_REGISTRY", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+           "Qwen3ForCausalLM"]
