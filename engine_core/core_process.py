@@ -156,7 +156,10 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     except SystemExit:
         logger.info("engine core shutting down")
         if proc is not None:
-            proc.engine.shutdown()
+            try:
+                proc.engine.shutdown()
+            except Exception:  # the signal may have landed mid-step; exiting matters more
+                logger.exception("engine shutdown failed")
             proc.stop_output()
         return 0
     except BaseException as e:
@@ -170,7 +173,6 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
             input_socket.close(linger=0)
             output_socket.close(linger=0)
         ctx.term()  # wakes the input thread (ContextTerminated), which closes its socket
-    return 0
 
 
 def main() -> None:

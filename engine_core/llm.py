@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tqdm import tqdm
 from transformers import AutoTokenizer
@@ -45,11 +46,16 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_args) -> None:
         self.config = EngineConfig(model=model, **engine_args)
         self.engine = EngineCore(self.config)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.engine.ready.model_path)
+        # A checkpoint without tokenizer files (e.g. a test's random model) takes token ids only.
+        model_path = Path(self.engine.ready.model_path)
+        has_tokenizer = any((model_path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path) if has_tokenizer else None
         self._request_counter = itertools.count()
 
     def _to_token_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: give prompts as token ids")
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, list):
             bad = next((t for t in prompt if not isinstance(t, int) or isinstance(t, bool)), None)
@@ -69,6 +75,8 @@ class LLM:
     def chat(self, messages: ChatMessages | list[ChatMessages],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (and so no chat template)")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         token_id_lists = [
             list(self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
@@ -115,6 +123,7 @@ class LLM:
                     result.error = out.error
                     progress.update(1)
         progress.close()
-        for result in results.values():
-            result.text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        if self.tokenizer is not None:
+            for result in results.values():
+                result.text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
         return list(results.values())
