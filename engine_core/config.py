@@ -37,6 +37,7 @@ class EngineConfig(msgspec.Struct, omit_defaults=True):
     enable_prefix_caching: bool = True
     seed: int = 0
     tensor_parallel_size: int = 1
+    enforce_eager: bool = False  # True: no CUDA graphs (GPU only; the CPU always runs eagerly)
     speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from engine_core.protocol import Logprobs, ModelRunnerOutput, SchedulerOutput
 from workers.attention import AttentionMetadata
+from workers.cuda_graphs import CudaGraphRunner
 from workers.input_batch import InputBatch
 from workers.sampler import Sampler, SamplingMetadata, compute_logprobs_rows
 
@@ -22,7 +23,7 @@ _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], block_size: int,
                  max_num_reqs: int, max_model_len: int, vocab_size: int,
-                 eos_token_ids: list[int], device: torch.device) -> None:
+                 eos_token_ids: list[int], device: torch.device, use_cuda_graphs: bool) -> None:
         self.model = model
         self.kv_caches = kv_caches
         for layer, kv_cache in zip(model.attention_layers(), kv_caches):
@@ -33,6 +34,10 @@ class ModelRunner:
         max_blocks_per_req = -(-max_model_len // block_size)
         self.batch = InputBatch(max_num_reqs, max_model_len, max_blocks_per_req, eos_token_ids, device)
         self.sampler = Sampler()
+        self.cuda_graphs: CudaGraphRunner | None = None
+        if use_cuda_graphs and device.type == "cuda":
+            self.cuda_graphs = CudaGraphRunner(model, max_num_reqs, max_blocks_per_req, device)
+            self.cuda_graphs.capture()
 
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
         batch = self.batch
@@ -79,7 +84,11 @@ class ModelRunner:
             max_query_len=int(num_scheduled.max()),
             max_seq_len=int(seq_lens.max()),
         )
-        hidden = self.model(to_device(input_ids), to_device(positions), attn_metadata)
+        if self.cuda_graphs is not None and attn_metadata.max_query_len == 1 \
+                and self.cuda_graphs.can_run(len(rows)):
+            hidden = self.cuda_graphs.run(to_device(input_ids), to_device(positions), attn_metadata)
+        else:
+            hidden = self.model(to_device(input_ids), to_device(positions), attn_metadata)
 
         # Requests whose computed tokens caught up with their tokens sample a new one; the
         # others were mid-prefill.

@@ -77,7 +77,7 @@ class Worker:
         self.eos_token_ids = _eos_token_ids(self.model_dir, text_config)
         self.model_runner = ModelRunner(self.model, kv_caches, config.block_size, config.max_num_seqs,
                                         self.max_model_len, self.vocab_size, self.eos_token_ids,
-                                        self.device)
+                                        self.device, use_cuda_graphs=not config.enforce_eager)
 
     def _block_bytes(self) -> int:
         element_size = torch.empty(0, dtype=self.dtype).element_size()

@@ -1,0 +1,161 @@
+"""Offline throughput on the reference workload (nano-vllm's benchmark), side by side with
+Hugging Face transformers on the same model and GPU, and against the workload's roofline.
+
+    python -m load_tests.throughput                      # Qwen3-0.6B shape, random bf16 weights
+    python -m load_tests.throughput --hf-num-seqs 0      # Octavo only
+
+The workload: 256 sequences, prompt lengths uniform in [100, 1024] of random token ids below
+10000, output lengths uniform in [100, 1024], ignore_eos, temperature 0.6, seeded with
+random.seed(0). Throughput = output tokens / wall time of one generate call after a warm-up.
+transformers runs the first --hf-num-seqs sequences only (it is ~30x slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+# Measured on the device machine (shared/device/README.md): copy bandwidth and bf16 matmul rate.
+BANDWIDTH = 3.0e12
+MATMUL_FLOPS = 777e12
+
+
+def reference_workload(num_seqs: int = 256) -> tuple[list[list[int]], list[int]]:
+    random.seed(0)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(num_seqs)]
+    output_lens = [random.randint(100, 1024) for _ in range(num_seqs)]
+    return prompts, output_lens
+
+
+def qwen3_0_6b_config():
+    from transformers import Qwen3Config
+    return Qwen3Config(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True,
+                       max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1_000_000,
+                       torch_dtype="bfloat16")
+
+
+def roofline_seconds(config, prompt_lens: np.ndarray, output_lens: np.ndarray) -> float:
+    """Every sequence decoding in one batch: each step reads the weights once plus every active
+    sequence's KV; prefill is matmul-bound. A bound no engine reaches, for scale."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    layer_params = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
+    weight_bytes = (layers * layer_params + config.vocab_size * h) * 2
+    kv_bytes_per_token = layers * 2 * kv * 2
+    seconds = 0.0
+    for step in range(int(output_lens.max())):
+        active = output_lens > step
+        seconds += (weight_bytes + (prompt_lens[active] + step).sum() * kv_bytes_per_token) / BANDWIDTH
+    return seconds + 2 * layers * layer_params * prompt_lens.sum() / MATMUL_FLOPS
+
+
+def run_octavo(model_dir: str, prompts, output_lens, args) -> dict:
+    from engine_core.llm import LLM
+    from engine_core.protocol import SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=4096,
+              enforce_eager=args.enforce_eager)
+    startup = time.perf_counter() - start
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))  # warm-up
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in output_lens]
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    num_out = sum(len(o.token_ids) for o in outputs)
+    assert num_out == sum(output_lens), (num_out, sum(output_lens))
+    return {"engine": "octavo", "seconds": elapsed, "output_tokens": num_out,
+            "tok_per_s": num_out / elapsed, "startup_s": startup}
+
+
+def run_hf_continuous(model, prompts, output_lens) -> dict:
+    from transformers import GenerationConfig
+    config = GenerationConfig(max_new_tokens=max(output_lens), do_sample=True, temperature=0.6,
+                              eos_token_id=None)
+    model.generate_batch(inputs=[prompts[0][:16]], generation_config=GenerationConfig(max_new_tokens=4))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    results = model.generate_batch(inputs=prompts, generation_config=config)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    num_out = sum(len(r.generated_tokens) for r in results.values())
+    return {"engine": "transformers generate_batch", "seconds": elapsed, "output_tokens": num_out,
+            "tok_per_s": num_out / elapsed}
+
+
+def run_hf_static(model, prompts, output_lens, batch_size: int = 64) -> dict:
+    num_out = 0
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        width = max(map(len, batch))
+        input_ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device="cuda")
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device="cuda")
+        new = max(output_lens[i:i + batch_size])
+        model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                       do_sample=True, temperature=0.6, pad_token_id=0)
+        num_out += sum(output_lens[i:i + batch_size])  # only the requested tokens count
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return {"engine": f"transformers generate (static, batches of {batch_size})", "seconds": elapsed,
+            "output_tokens": num_out, "tok_per_s": num_out / elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--hf-num-seqs", type=int, default=32, help="sequences given to transformers (0: skip)")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    prompts, output_lens = reference_workload()
+    prompts, output_lens = prompts[:args.num_seqs], output_lens[:args.num_seqs]
+    config = qwen3_0_6b_config()
+    model_dir = tempfile.mkdtemp(prefix="qwen3-0.6b-random-")
+    torch.manual_seed(0)
+    hf_model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    hf_model.save_pretrained(model_dir)
+    print(f"workload: {len(prompts)} seqs, {sum(map(len, prompts))} prompt tokens, {sum(output_lens)} output tokens")
+
+    results = [run_octavo(model_dir, prompts, output_lens, args)]
+    roofline = roofline_seconds(config, np.array(list(map(len, prompts))), np.array(output_lens))
+    results[0]["roofline_fraction"] = roofline / results[0]["seconds"]
+    if args.hf_num_seqs:
+        import gc
+        gc.collect()
+        torch.cuda.empty_cache()
+        hf_model = hf_model.to("cuda").eval()
+        n = args.hf_num_seqs
+        results.append(run_hf_continuous(hf_model, prompts[:n], output_lens[:n]))
+        results.append(run_hf_static(hf_model, prompts[:n], output_lens[:n]))
+
+    print(f"\nroofline: {roofline:.2f} s = {sum(output_lens) / roofline:,.0f} output tok/s")
+    print(f"{'engine':<48} {'seqs':>5} {'seconds':>8} {'out tok/s':>10} {'vs octavo':>10}")
+    for r in results:
+        seqs = len(prompts) if r["engine"] == "octavo" else args.hf_num_seqs
+        print(f"{r['engine']:<48} {seqs:>5} {r['seconds']:>8.2f} {r['tok_per_s']:>10,.0f} "
+              f"{results[0]['tok_per_s'] / r['tok_per_s']:>9.1f}x")
+    print(f"octavo: {results[0]['roofline_fraction']:.0%} of the roofline; start-up {results[0]['startup_s']:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"roofline_s": roofline, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
