@@ -36,33 +36,49 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
     when num_heads is a multiple of num_kv_heads. The new tokens' keys and values must already
     be in the cache (write_kv_cache runs first).
     """
-    block_size = kv_cache.shape[2]
-    num_heads, num_kv_heads = query.shape[1], kv_cache.shape[3]
     out = torch.empty_like(query)
+    num_queries = query_start_loc[1:] - query_start_loc[:-1]
+    decodes = torch.nonzero(num_queries == 1).flatten()
+    if len(decodes):
+        rows = query_start_loc[decodes].long()
+        out[rows] = _decode_attention(query[rows], kv_cache, seq_lens[decodes], block_tables[decodes], scale)
+    # The rest (prefill chunks) one request at a time: the reference favours clarity; the
+    # Triton kernel does the whole batch in one launch.
     starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    # One SDPA call per request: the reference favours clarity; the Triton kernel does the
-    # whole batch in one launch.
-    for i, seq_len in enumerate(lens):
+    for i in torch.nonzero(num_queries > 1).flatten().tolist():
+        seq_len = int(seq_lens[i])
         q_start, q_end = starts[i], starts[i + 1]
-        num_queries = q_end - q_start
-        if num_queries == 0:
-            continue
-        num_blocks = (seq_len + block_size - 1) // block_size
-        blocks = block_tables[i, :num_blocks].long()
-        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, kv_cache.shape[4])[:seq_len]
-        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, kv_cache.shape[4])[:seq_len]
+        k, v = _gather_kv(kv_cache, block_tables[i:i + 1], seq_len)
         q = query[q_start:q_end].transpose(0, 1)  # [heads, queries, dim]
-        k = k.transpose(0, 1).to(q.dtype)
-        v = v.transpose(0, 1).to(q.dtype)
         # Query j sits at position seq_len - num_queries + j and sees keys up to that position.
-        q_pos = torch.arange(seq_len - num_queries, seq_len).unsqueeze(1)
+        q_pos = torch.arange(seq_len - (q_end - q_start), seq_len).unsqueeze(1)
         mask = torch.arange(seq_len).unsqueeze(0) <= q_pos
-        o = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-                                           attn_mask=mask, scale=scale,
-                                           enable_gqa=num_heads != num_kv_heads)
+        o = _sdpa(q.unsqueeze(0), k, v, mask, scale)
         out[q_start:q_end] = o[0].transpose(0, 1)
     return out
+
+
+def _gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of each row's first max_len positions: [rows, kv_heads, max_len, dim]."""
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
+    blocks = block_tables[:, :-(-max_len // block_size)].long()
+    kv = kv_cache[:, blocks].flatten(2, 3)[:, :, :max_len]  # [2, rows, max_len, heads, dim]
+    return kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor,
+                      block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    """Single-query requests batched together, their keys padded to the longest."""
+    k, v = _gather_kv(kv_cache, block_tables, int(seq_lens.max()))
+    mask = torch.arange(k.shape[2]).unsqueeze(0) < seq_lens.unsqueeze(1)  # [rows, max_len]
+    o = _sdpa(query.unsqueeze(2), k, v, mask[:, None, None, :], scale)  # [rows, heads, 1, dim]
+    return o.squeeze(2)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

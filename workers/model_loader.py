@@ -26,7 +26,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 # Buffers that older checkpoints saved and that Octavo recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-__all__ = ["ModelLoadError", "load_model", "resolve_dtype", "model_class"]
+__all__ = ["ModelLoadError", "load_hf_config", "load_model", "model_class", "resolve_dtype"]
 
 
 def resolve_dtype(config_dtype_str: str, hf_config: Any, device: torch.device | str) -> torch.dtype:
@@ -67,21 +67,27 @@ def model_class(model_dir: Path) -> type[nn.Module]:
                          f"supported: {sorted(MODEL_REGISTRY)}")
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_hf_config(model_dir: Path) -> Any:
+    """The checkpoint's transformers config, once its architecture is known to be supported."""
     from transformers import AutoConfig  # heavy import, only needed here
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")
-    cls = model_class(model_dir)
-    files = safetensors_files(model_dir)
+    model_class(model_dir)
     try:
-        hf_config = AutoConfig.from_pretrained(model_dir)
+        return AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {e}") from e
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    model_dir = Path(model_dir)
+    hf_config = load_hf_config(model_dir)
+    files = safetensors_files(model_dir)
     # Parameters are torch.empty, so building straight on the device costs no init time.
     with torch.device(device):
-        model = cls(hf_config, dtype)
+        model = model_class(model_dir)(hf_config, dtype)
     load_weights(model, files)
     return model.eval()
 
@@ -89,7 +95,10 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.
 def safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / SAFETENSORS_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{index} is not a safetensors index (no weight_map): {e}") from e
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -147,7 +156,12 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
                     if tensor.shape != dest.shape:
                         raise ModelLoadError(f"tensor {name!r} in {path} has shape {tuple(tensor.shape)}, "
                                              f"expected {tuple(dest.shape)}")
-                    dest.copy_(tensor)
+                    if rows is None:
+                        # Adopt the tensor: on the CPU in the same dtype it stays a view of the
+                        # memory-mapped file, saving a copy into freshly faulted-in memory.
+                        param.data = tensor.to(device=param.device, dtype=param.dtype)
+                    else:
+                        dest.copy_(tensor)
                     loaded.add(name)
                     bar.update()
     missing = sorted(set(targets) - loaded)

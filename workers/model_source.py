@@ -114,6 +114,9 @@ def _cached(target: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build(tmp)
+        # mkdtemp makes the directory private; a cache entry should read like any other file.
+        for path in (tmp, *tmp.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         try:
             tmp.rename(target)
         except OSError:

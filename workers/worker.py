@@ -7,11 +7,11 @@ from pathlib import Path
 
 import msgspec
 import torch
-from transformers import AutoConfig, GenerationConfig
+from transformers import GenerationConfig
 
 from engine_core.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from engine_core.protocol import ModelRunnerOutput, SchedulerOutput
-from workers.model_loader import load_model, resolve_dtype
+from workers.model_loader import load_hf_config, load_model, resolve_dtype
 from workers.model_runner import ModelRunner
 from workers.model_source import resolve_model
 
@@ -55,17 +55,20 @@ class Worker:
         self.config = config
         self.device = _device(config.device)
         self.model_dir = resolve_model(config.model)
-        hf_config = AutoConfig.from_pretrained(self.model_dir)
+        hf_config = load_hf_config(self.model_dir)
         text_config = hf_config.get_text_config()
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
         torch.manual_seed(config.seed)
 
-        model_max_len = int(getattr(text_config, "max_position_embeddings", 0) or 0) or 2048
+        self.model = load_model(self.model_dir, self.dtype, self.device)
+        # Attention is always full: past a sliding window the model would differ from its
+        # reference, so the window bounds the context like max_position_embeddings does.
+        model_max_len = min(x for x in (getattr(text_config, "max_position_embeddings", None),
+                                        self.model.sliding_window) if x)
         if config.max_model_len is not None and config.max_model_len > model_max_len:
             raise ValueError(f"max_model_len must be <= {model_max_len} (the model's "
-                             f"max_position_embeddings), got {config.max_model_len}")
+                             f"maximum context), got {config.max_model_len}")
         self.max_model_len = config.max_model_len or model_max_len
-        self.model = load_model(self.model_dir, self.dtype, self.device)
 
         self.num_layers = len(self.model.attention_layers())
         attn = self.model.attention_layers()[0]
