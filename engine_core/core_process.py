@@ -90,8 +90,9 @@ class EngineCoreProc:
             return UtilityOutput(call.call_id, error=f"unknown utility method {call.method!r}")
         try:
             args = [msgspec.msgpack.decode(arg) for arg in call.args]
-            result = getattr(self.engine, call.method)(*args)
-            return UtilityOutput(call.call_id, result=msgspec.Raw(msgspec.msgpack.encode(result)))
+            # to_builtins here, not in the output thread: a result that cannot be encoded
+            # must fail this call, not the thread every output goes through.
+            return UtilityOutput(call.call_id, result=msgspec.to_builtins(getattr(self.engine, call.method)(*args)))
         except Exception as e:  # a failed RPC is the caller's error, not the engine's death
             logger.exception("utility call %s failed", call.method)
             return UtilityOutput(call.call_id, error=f"{type(e).__name__}: {e}")
@@ -130,8 +131,11 @@ class EngineCoreProc:
             self.output_thread.join(timeout=_SEND_LINGER_MS / 1000 + 1)
 
 
-def _watch_lifeline(stdin: Any) -> None:
-    stdin.read()  # returns at EOF: the frontend closed the pipe or exited
+def _watch_lifeline(fd: int) -> None:
+    # Raw reads: a thread blocked inside sys.stdin's buffered reader holds its lock, and the
+    # interpreter aborts when it cannot take that lock at exit.
+    while os.read(fd, 4096):
+        pass  # EOF: the frontend closed the pipe or exited
     os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -182,7 +186,7 @@ def main() -> None:
     # Ctrl-C reaches the whole process group; the frontend decides when the engine stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_system_exit)
-    threading.Thread(target=_watch_lifeline, args=(sys.stdin.buffer,), name="lifeline", daemon=True).start()
+    threading.Thread(target=_watch_lifeline, args=(sys.stdin.fileno(),), name="lifeline", daemon=True).start()
     sys.exit(run_engine_core(config, input_addr, output_addr))
 
 

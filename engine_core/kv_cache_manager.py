@@ -10,10 +10,6 @@ from engine_core.block_pool import BlockHash, BlockPool, KVCacheBlock
 from engine_core.request import Request
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
         self.block_size = block_size
@@ -61,34 +57,39 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: list[KVCacheBlock] | None = None) -> bool:
+                       new_computed_blocks: list[KVCacheBlock] | None = None) -> list[KVCacheBlock] | None:
         """Give the request blocks for `num_new_tokens` beyond its computed tokens (and beyond
-        `new_computed_blocks`, prefix hits it is about to take). False, changing nothing, if
-        the pool cannot supply them."""
-        new_computed_blocks = new_computed_blocks or []
+        `new_computed_blocks`, prefix hits it is about to take). Returns the blocks appended
+        to the request's table (hits first), or None, changing nothing, if the pool cannot
+        supply them."""
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
-        num_needed = cdiv(num_computed + num_new_tokens, self.block_size) - len(blocks) - len(new_computed_blocks)
-        # Idle cached hits sit in the free list: taking them shrinks what is left to allocate.
-        num_idle_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
-        if num_needed > self.block_pool.num_free_blocks - num_idle_hits:
-            return False
-        self.block_pool.touch(new_computed_blocks)
-        blocks.extend(new_computed_blocks)
+        num_hits = len(new_computed_blocks) if new_computed_blocks else 0
+        num_computed = request.num_computed_tokens + num_hits * self.block_size
+        num_needed = -(-(num_computed + num_new_tokens) // self.block_size) - len(blocks) - num_hits
+        added: list[KVCacheBlock] = []
+        if num_hits:
+            # Idle cached hits sit in the free list: taking them shrinks what is left to allocate.
+            num_idle_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+            if num_needed > self.block_pool.num_free_blocks - num_idle_hits:
+                return None
+            self.block_pool.touch(new_computed_blocks)
+            added.extend(new_computed_blocks)
         if num_needed > 0:
-            blocks.extend(self.block_pool.get_new_blocks(num_needed))
+            if num_needed > self.block_pool.num_free_blocks:
+                return None
+            added.extend(self.block_pool.get_new_blocks(num_needed))
+        blocks.extend(added)
         if self.enable_prefix_caching:
             # Blocks whose tokens are all known and computed by the end of this step become
             # hits for later requests (and for ones in this same step: every layer writes the
             # step's KV before any request attends).
             num_full = min(num_computed + num_new_tokens, request.num_tokens) // self.block_size
-            self._cache_blocks(request, blocks, num_full)
-        return True
+            if num_full > self.num_cached_blocks.get(request.request_id, 0):
+                self._cache_blocks(request, blocks, num_full)
+        return added
 
     def _cache_blocks(self, request: Request, blocks: list[KVCacheBlock], num_full: int) -> None:
         start = self.num_cached_blocks.get(request.request_id, 0)
-        if num_full <= start:
-            return
         hashes = self._hash_full_blocks(request)
         for i in range(start, num_full):
             self.block_pool.cache_block(blocks[i], hashes[i])

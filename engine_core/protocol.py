@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import math
 import time
+from typing import Any
 
 import msgspec
 
@@ -166,7 +167,9 @@ class UtilityRequest(msgspec.Struct, **_STRUCT):
 
 class UtilityOutput(msgspec.Struct, **_STRUCT):
     call_id: int
-    result: msgspec.Raw | None = None
+    # The method's return value (any msgspec-encodable object). Not `msgspec.Raw | None`:
+    # msgspec cannot decode Raw inside a union.
+    result: Any = None
     error: str | None = None
 
 

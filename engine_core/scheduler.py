@@ -83,8 +83,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            num_blocks_before = len(kv.req_to_blocks[request.request_id])
-            while not kv.allocate_slots(request, num_new):
+            while (new_blocks := kv.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
@@ -94,7 +93,7 @@ class Scheduler:
                 num_scheduled[request.request_id] = num_new
                 budget -= num_new
                 cached.request_ids.append(request.request_id)
-                cached.new_block_ids.append(kv.get_block_ids(request.request_id)[num_blocks_before:])
+                cached.new_block_ids.append([b.block_id for b in new_blocks])
                 cached.num_computed_tokens.append(request.num_computed_tokens)
                 i += 1
 
@@ -105,7 +104,7 @@ class Scheduler:
             request = self.waiting[0]
             hits, num_hit_tokens = kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
-            if not kv.allocate_slots(request, num_new, hits):
+            if kv.allocate_slots(request, num_new, hits) is None:
                 break
             self.waiting.popleft()
             request.num_computed_tokens = num_hit_tokens

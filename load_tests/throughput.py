@@ -13,7 +13,9 @@ transformers runs the first --hf-num-seqs sequences only (it is ~30x slower).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import random
 import tempfile
 import time
@@ -67,11 +69,17 @@ def run_octavo(model_dir: str, prompts, output_lens, args) -> dict:
     startup = time.perf_counter() - start
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))  # warm-up
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in output_lens]
+    profiler = cProfile.Profile() if args.profile else None
     torch.cuda.synchronize()
     start = time.perf_counter()
+    if profiler:
+        profiler.enable()
     outputs = llm.generate(prompts, params)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    if profiler:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     num_out = sum(len(o.token_ids) for o in outputs)
     assert num_out == sum(output_lens), (num_out, sum(output_lens))
     return {"engine": "octavo", "seconds": elapsed, "output_tokens": num_out,
@@ -119,6 +127,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print where the host's time goes (cProfile)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 

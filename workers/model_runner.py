@@ -35,9 +35,32 @@ class ModelRunner:
         self.batch = InputBatch(max_num_reqs, max_model_len, max_blocks_per_req, eos_token_ids, device)
         self.sampler = Sampler()
         self.cuda_graphs: CudaGraphRunner | None = None
+        if device.type == "cuda":
+            self.warm_up()
         if use_cuda_graphs and device.type == "cuda":
             self.cuda_graphs = CudaGraphRunner(model, max_num_reqs, max_blocks_per_req, device)
             self.cuda_graphs.capture()
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run eager steps of a few shapes so that every Triton kernel variant they need
+        (specialized on 1, multiples of 16, or neither) compiles now rather than mid-serving."""
+        width = min(16, self.batch.block_table.shape[1])
+        for num_reqs, tokens_per_req in ((1, 17), (2, 8), (3, 5), (16, 16), (16, 1), (3, 1)):
+            num_tokens = num_reqs * tokens_per_req
+            metadata = AttentionMetadata(
+                slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=self.device),
+                query_start_loc=torch.arange(0, num_tokens + 1, tokens_per_req, dtype=torch.int32,
+                                             device=self.device),
+                seq_lens=torch.full((num_reqs,), tokens_per_req, dtype=torch.int32, device=self.device),
+                block_tables=torch.zeros(num_reqs, width, dtype=torch.int32, device=self.device),
+                max_query_len=tokens_per_req,
+                max_seq_len=tokens_per_req,
+            )
+            positions = torch.arange(tokens_per_req, device=self.device).repeat(num_reqs)
+            hidden = self.model(torch.zeros_like(positions), positions, metadata)
+            self.model.compute_logits(hidden[:num_reqs]).argmax(dim=-1)
+        torch.cuda.synchronize(self.device)
 
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
         batch = self.batch
@@ -73,7 +96,9 @@ class ModelRunner:
         block_ids = batch.block_table[req_index, positions // self.block_size].astype(np.int64)
         slot_mapping = block_ids * self.block_size + positions % self.block_size
         seq_lens = num_computed + num_scheduled
-        max_blocks = int(batch.num_blocks[rows].max())
+        # Triton specializes integer arguments on divisibility by 16, the block table's row
+        # stride among them: a width rounded up to 16 keeps every step on compiled kernels.
+        max_blocks = min(-(-int(batch.num_blocks[rows].max()) // 16) * 16, batch.block_table.shape[1])
 
         to_device = self._to_device
         attn_metadata = AttentionMetadata(
