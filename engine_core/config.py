@@ -38,6 +38,9 @@ class EngineConfig(msgspec.Struct, omit_defaults=True):
     seed: int = 0
     tensor_parallel_size: int = 1
     enforce_eager: bool = False  # True: no CUDA graphs (GPU only; the CPU always runs eagerly)
+    # Schedule step N+1 while the device runs step N. None: on for CUDA, off on the CPU (whose
+    # cores run both, so overlap gains nothing there and a late stop costs a wasted decode).
+    async_scheduling: bool | None = None
     speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:

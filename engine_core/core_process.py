@@ -184,6 +184,7 @@ def main() -> None:
     input_addr, output_addr = sys.argv[1], sys.argv[2]
     config = msgspec.json.decode(sys.stdin.buffer.readline(), type=EngineConfig)
     # Ctrl-C reaches the whole process group; the frontend decides when the engine stops.
+    import faulthandler; faulthandler.register(signal.SIGUSR1, all_threads=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_system_exit)
     threading.Thread(target=_watch_lifeline, args=(sys.stdin.fileno(),), name="lifeline", daemon=True).start()

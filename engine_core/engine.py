@@ -4,6 +4,7 @@ process's busy loop, or the offline `LLM`)."""
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 from engine_core.config import EngineConfig
 from engine_core.executor import Executor
@@ -14,6 +15,7 @@ from engine_core.protocol import (
     EngineCoreRequest,
     EngineReady,
     FinishReason,
+    SchedulerOutput,
 )
 from engine_core.request import Request
 from engine_core.scheduler import Scheduler
@@ -52,6 +54,12 @@ class EngineCore:
         )
         # Requests refused at admission; reported with the next step's outputs.
         self.rejected: list[EngineCoreOutput] = []
+        async_scheduling = config.async_scheduling
+        if async_scheduling is None:
+            async_scheduling = info.device.startswith("cuda")
+        # Steps launched on the device and not yet collected, oldest first.
+        self.in_flight: deque[SchedulerOutput] = deque()
+        self.max_in_flight = 2 if async_scheduling else 1
         logger.info("model %s on %s (%s): KV cache of %d tokens, max concurrency %.2fx at "
                     "max_model_len %d", info.model_path, info.device, info.dtype, kv_capacity,
                     self.ready.max_concurrency, self.max_model_len)
@@ -86,15 +94,23 @@ class EngineCore:
         self.scheduler.abort_requests(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.rejected) or self.scheduler.has_unfinished_requests()
+        return bool(self.rejected or self.in_flight) or self.scheduler.has_unfinished_requests()
 
     def step(self) -> EngineCoreOutputs:
+        """Schedule and launch a step, then collect the oldest one in flight: with two in
+        flight, the host schedules step N+1 and processes step N's outputs while the device
+        computes."""
         rejected, self.rejected = self.rejected, []
-        if not self.scheduler.has_unfinished_requests():
+        launched = False
+        if self.scheduler.has_unfinished_requests() and len(self.in_flight) < self.max_in_flight:
+            scheduler_output = self.scheduler.schedule()
+            self.executor.launch(scheduler_output)
+            self.in_flight.append(scheduler_output)
+            launched = True
+        if not self.in_flight or (launched and len(self.in_flight) < self.max_in_flight):
             return self.scheduler.make_outputs(rejected, 0)
-        scheduler_output = self.scheduler.schedule()
-        runner_output = self.executor.execute_model(scheduler_output)
-        outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        scheduler_output = self.in_flight.popleft()
+        outputs = self.scheduler.update_from_output(scheduler_output, self.executor.collect())
         return self.scheduler.make_outputs(rejected + outputs, scheduler_output.total_num_scheduled_tokens)
 
     # ---- utility RPC targets ----

@@ -20,5 +20,8 @@ class Executor:
     def model_info(self) -> ModelInfo:
         return self.worker.model_info()
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.execute_model(scheduler_output)
+    def launch(self, scheduler_output: SchedulerOutput) -> None:
+        self.worker.model_runner.launch(scheduler_output)
+
+    def collect(self) -> ModelRunnerOutput:
+        return self.worker.model_runner.collect()

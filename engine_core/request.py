@@ -32,6 +32,8 @@ class Request:
         self.num_prompt_tokens: int = len(request.prompt_token_ids)
         self.all_token_ids: list[int] = list(request.prompt_token_ids)
         self.num_computed_tokens: int = 0
+        # Tokens being sampled by a step still on the GPU: scheduled past, not yet known.
+        self.num_output_placeholders: int = 0
         self.num_cached_tokens: int = -1  # prefix-cache hit of the first scheduling; -1: not yet
         self.status: RequestStatus = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None

@@ -4,6 +4,11 @@ Each step gives every request tokens so that its `num_computed_tokens` catches u
 `num_tokens`, running requests first and then waiting ones, within `max_num_batched_tokens`
 and `max_num_seqs`. A long prompt is simply truncated to the budget left (chunked prefill).
 When the KV pool runs dry, the newest running request is preempted by recompute.
+
+Steps are pipelined: the next step is scheduled while the GPU still samples this one's tokens.
+A request whose token is in flight counts it as a placeholder (`num_output_placeholders`),
+so it is scheduled its next decode before the token is known; the model runner feeds the
+token to it on the GPU. A stop found when the token arrives wastes that one extra decode.
 """
 
 from __future__ import annotations
@@ -82,7 +87,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens,
+                          budget)
+            if num_new <= 0 or self._reached_length(request):
+                i += 1  # its last token is in flight; it finishes when that arrives
+                continue
             while (new_blocks := kv.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -102,6 +111,8 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
             request = self.waiting[0]
+            if request.num_output_placeholders:
+                break  # preempted with a token in flight: it resumes once the token is known
             hits, num_hit_tokens = kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             if kv.allocate_slots(request, num_new, hits) is None:
@@ -131,10 +142,23 @@ class Scheduler:
             finished_request_ids=self.finished_request_ids,
         )
         self.finished_request_ids = []
-        # The tokens are as good as computed: the next step schedules from there.
+        # The tokens are as good as computed: the next step schedules from there. A request
+        # that catches up samples a token this step.
         for request_id, n in num_scheduled.items():
-            self.requests[request_id].num_computed_tokens += n
+            request = self.requests[request_id]
+            request.num_computed_tokens += n
+            if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1
         return output
+
+    def _reached_length(self, request: Request) -> bool:
+        """Whether the tokens in flight already take the request to max_tokens or max_model_len."""
+        if not request.num_output_placeholders:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        num_tokens = request.num_tokens + request.num_output_placeholders
+        return ((max_tokens is not None and num_tokens - request.num_prompt_tokens >= max_tokens)
+                or num_tokens >= self.max_model_len)
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
@@ -157,8 +181,9 @@ class Scheduler:
                 request.prompt_logprobs.append(prompt_logprobs)
         for request_id, token_ids in zip(runner_output.request_ids, runner_output.sampled_token_ids):
             request = self.requests.get(request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
+            if request is None:
+                continue  # finished or aborted while the step ran
+            request.num_output_placeholders -= 1
             new_token_ids = self._append_and_check_stop(request, token_ids)
             outputs.append(EngineCoreOutput(
                 request_id=request_id,
@@ -171,7 +196,10 @@ class Scheduler:
             ))
             request.prompt_logprobs = []
             if request.is_finished:
-                self.running.remove(request)
+                if request in self.running:
+                    self.running.remove(request)
+                else:  # preempted while its last token was in flight
+                    self.waiting.remove(request)
                 self._free(request)
         return outputs
 

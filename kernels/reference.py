@@ -51,8 +51,8 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
         k, v = _gather_kv(kv_cache, block_tables[i:i + 1], seq_len)
         q = query[q_start:q_end].transpose(0, 1)  # [heads, queries, dim]
         # Query j sits at position seq_len - num_queries + j and sees keys up to that position.
-        q_pos = torch.arange(seq_len - (q_end - q_start), seq_len).unsqueeze(1)
-        mask = torch.arange(seq_len).unsqueeze(0) <= q_pos
+        q_pos = torch.arange(seq_len - (q_end - q_start), seq_len, device=query.device).unsqueeze(1)
+        mask = torch.arange(seq_len, device=query.device).unsqueeze(0) <= q_pos
         o = _sdpa(q.unsqueeze(0), k, v, mask, scale)
         out[q_start:q_end] = o[0].transpose(0, 1)
     return out
@@ -76,7 +76,11 @@ def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, seq_lens: tor
                       block_tables: torch.Tensor, scale: float) -> torch.Tensor:
     """Single-query requests batched together, their keys padded to the longest."""
     k, v = _gather_kv(kv_cache, block_tables, int(seq_lens.max()))
-    mask = torch.arange(k.shape[2]).unsqueeze(0) < seq_lens.unsqueeze(1)  # [rows, max_len]
+    mask = torch.arange(k.shape[2], device=query.device).unsqueeze(0) < seq_lens.unsqueeze(1)  # [rows, max_len]
+    # Padding slots may hold anything, NaN included, and a masked-out NaN still poisons
+    # the weighted sum of values (0 * NaN): zero them.
+    valid = mask[:, None, :, None]
+    k, v = k.masked_fill(~valid, 0), v.masked_fill(~valid, 0)
     o = _sdpa(query.unsqueeze(2), k, v, mask[:, None, None, :], scale)  # [rows, heads, 1, dim]
     return o.squeeze(2)
 

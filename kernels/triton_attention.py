@@ -17,9 +17,9 @@ import triton.language as tl
 
 # exp2 is cheaper than exp on the GPU; folding log2(e) into the softmax scale makes them equal.
 _LOG2E = 1.4426950408889634
-# Masked scores start from a finite floor rather than -inf: a query row that sees no key in
-# some KV range (a split before its causal boundary) then gets weight exp2(floor - floor) = 1
-# on an all-zero accumulator instead of exp2(-inf + inf) = NaN.
+# The running max starts from a finite floor rather than -inf: a query row that sees no key in
+# some KV range (a split wholly past its causal boundary) then rescales by
+# exp2(floor - floor) = 1 an all-zero accumulator, instead of by exp2(-inf + inf) = NaN.
 _NEG_FLOOR = tl.constexpr(-1.0e30)
 
 
@@ -234,9 +234,11 @@ class AttentionConfig:
 # verification) are memory-bound: small query tiles, and KV splits when the requests alone
 # leave the GPU idle.
 _DECODE_QUERIES_PER_REQ = 4
-# Split until the grid has this many programs per multiprocessor, and only as far as every
-# split keeps this many KV tiles at the longest context the block table allows.
-_DECODE_PROGRAMS_PER_SM = 4
+# Splitting pays only while the grid is under about two programs per multiprocessor (on an
+# H200 at Qwen3-0.6B's shape: B=4 x 4096 tokens best with 8 splits, B=16 with 2, B=64 with
+# none); beyond, the shorter programs and the combine pass cost more than the balance gains.
+_DECODE_PROGRAMS_PER_SM = 2
+# Every split keeps at least this many KV tiles at the longest context the block table allows.
 _MIN_TILES_PER_SPLIT = 4
 _MAX_SPLITS = 16
 
@@ -253,13 +255,14 @@ def select_config(num_tokens: int, num_reqs: int, group: int, max_kv_len: int,
     """Pick the launch configuration from shapes alone (see the module docstring)."""
     min_block_m = triton.next_power_of_2(group)  # every tile holds at least one whole group
     if num_tokens > _DECODE_QUERIES_PER_REQ * num_reqs:
+        # One warpgroup on 64 rows: 128 rows per program spill registers at head_dim 128.
         return AttentionConfig(block_m=max(64, min_block_m), block_n=64, num_splits=1,
                                num_warps=4, num_stages=3)
     block_n = 64
-    target_programs = _DECODE_PROGRAMS_PER_SM * _num_sms(device)
+    max_programs = _DECODE_PROGRAMS_PER_SM * _num_sms(device)
     max_splits = min(_MAX_SPLITS, max(1, triton.cdiv(max_kv_len, block_n * _MIN_TILES_PER_SPLIT)))
     num_splits = 1
-    while num_reqs * num_kv_heads * num_splits < target_programs and num_splits * 2 <= max_splits:
+    while num_reqs * num_kv_heads * num_splits * 2 <= max_programs and num_splits * 2 <= max_splits:
         num_splits *= 2
     return AttentionConfig(block_m=max(16, min_block_m), block_n=block_n, num_splits=num_splits,
                            num_warps=4, num_stages=3)

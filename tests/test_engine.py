@@ -62,7 +62,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprob
     {"max_num_batched_tokens": 8},
     {"enable_prefix_caching": False},
     {"block_size": 8, "max_num_seqs": 3},
-], ids=["default", "chunked8", "no-prefix-cache", "block8-seqs3"])
+    {"async_scheduling": True, "max_num_batched_tokens": 16},
+], ids=["default", "chunked8", "no-prefix-cache", "block8-seqs3", "async-chunked16"])
 def test_greedy_matches_transformers(tiny, engine_args):
     hf_model, path = tiny
     llm = LLM(path, kv_cache_memory=1 << 24, **engine_args)
@@ -103,13 +104,14 @@ def run_counting_preemptions(llm: LLM, prompts: list[list[int]], params: Samplin
     return list(tokens.values()), preemptions
 
 
-@pytest.mark.parametrize("caching", [True, False])
-def test_preemption_keeps_outputs(tiny, caching):
+@pytest.mark.parametrize("caching,async_scheduling", [(True, False), (False, False), (True, True)])
+def test_preemption_keeps_outputs(tiny, caching, async_scheduling):
     hf_model, path = tiny
     # 160 tokens of KV (a block holds 2 layers x 2 x 2 heads x 16 dims x 4 bytes x 16 tokens)
     # for 8 requests of up to ~70 tokens each: the scheduler must preempt.
     block_bytes = 2 * 2 * 2 * 16 * 4 * 16
-    llm = LLM(path, kv_cache_memory=10 * block_bytes, max_model_len=128, enable_prefix_caching=caching)
+    llm = LLM(path, kv_cache_memory=10 * block_bytes, max_model_len=128, enable_prefix_caching=caching,
+              async_scheduling=async_scheduling)
     prompts = random_prompts(8, seed=3)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     got, preemptions = run_counting_preemptions(llm, prompts, params)
@@ -133,6 +135,7 @@ def test_prefix_cache_computes_only_new_blocks(tiny):
 def test_seeded_sampling_is_batch_independent(tiny):
     _, path = tiny
     llm = LLM(path, kv_cache_memory=1 << 24)
+    pipelined = LLM(path, kv_cache_memory=1 << 24, async_scheduling=True)
     seeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=12, ignore_eos=True)
     prompt = [5, 6, 7, 8]
     alone = llm.generate([prompt], seeded)[0].token_ids
@@ -140,14 +143,16 @@ def test_seeded_sampling_is_batch_independent(tiny):
     params = [SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)] * 7
     batched = llm.generate(others[:3] + [prompt] + others[3:], params[:3] + [seeded] + params[3:])
     assert batched[3].token_ids == alone
+    assert pipelined.generate(others[:3] + [prompt] + others[3:], params[:3] + [seeded] + params[3:])[3].token_ids == alone
     other_seed = llm.generate([prompt], SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=99,
                                                        max_tokens=12, ignore_eos=True))[0].token_ids
     assert other_seed != alone
 
 
-def test_stop_conditions(tiny):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_stop_conditions(tiny, async_scheduling):
     hf_model, path = tiny
-    llm = LLM(path, kv_cache_memory=1 << 24)
+    llm = LLM(path, kv_cache_memory=1 << 24, async_scheduling=async_scheduling)
     prompt = [3, 1, 4, 1, 5]
     ref, _ = hf_greedy(hf_model, prompt, 10)
     stop_at = ref[4]

@@ -7,6 +7,9 @@ batch (prefill chunks and decodes together), and sample for requests whose promp
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -15,9 +18,23 @@ from engine_core.protocol import Logprobs, ModelRunnerOutput, SchedulerOutput
 from workers.attention import AttentionMetadata
 from workers.cuda_graphs import CudaGraphRunner
 from workers.input_batch import InputBatch
-from workers.sampler import Sampler, SamplingMetadata, compute_logprobs_rows
+from workers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs_rows
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) over 64 bits
+
+
+@dataclass
+class PendingStep:
+    """A launched step: what `collect` needs once the device is done."""
+
+    request_ids: list[str]  # requests that sample, in batch order
+    rows: np.ndarray  # their rows at launch
+    sampled_host: torch.Tensor | None  # pinned host copy of the sampled ids, filled asynchronously
+    ready: torch.cuda.Event | None  # recorded after that copy; None on the CPU
+    sampler_output: SamplerOutput | None
+    num_logprobs: list[int]  # per sampling request, -1 for none
+    prompt_logprobs: dict[str, Logprobs]
+    written: bool = False  # sampled ids appended to the batch's host token ids
 
 
 class ModelRunner:
@@ -34,6 +51,10 @@ class ModelRunner:
         max_blocks_per_req = -(-max_model_len // block_size)
         self.batch = InputBatch(max_num_reqs, max_model_len, max_blocks_per_req, eos_token_ids, device)
         self.sampler = Sampler()
+        self.pending: deque[PendingStep] = deque()
+        # The last launched step's sampled tokens (on the device) and each row's index in them.
+        self.prev_sampled = torch.zeros(0, dtype=torch.long, device=device)
+        self.prev_sampled_index = np.full(max_num_reqs, -1, dtype=np.int64)
         self.cuda_graphs: CudaGraphRunner | None = None
         if device.type == "cuda":
             self.warm_up()
@@ -76,11 +97,19 @@ class ModelRunner:
             if block_ids:
                 batch.append_blocks(row, block_ids)
 
-    @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self.launch(scheduler_output)
+        return self.collect()
+
+    @torch.inference_mode()
+    def launch(self, scheduler_output: SchedulerOutput) -> None:
+        """Enqueue the step's forward and sampling on the device without waiting for them;
+        `collect` returns their result. Requests decoding right after a step still in flight
+        get that step's sampled token on the device, never through the host."""
         self.update_states(scheduler_output)
         if scheduler_output.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput(request_ids=[], sampled_token_ids=[])
+            self.pending.append(PendingStep([], np.empty(0, np.int64), None, None, None, [], {}))
+            return
         batch = self.batch
         request_ids = list(scheduler_output.num_scheduled_tokens)
         rows = np.fromiter((batch.req_id_to_row[r] for r in request_ids), np.int64, len(request_ids))
@@ -109,39 +138,78 @@ class ModelRunner:
             max_query_len=int(num_scheduled.max()),
             max_seq_len=int(seq_lens.max()),
         )
+        input_ids_device = to_device(input_ids)
+        # Positions past the host's known tokens hold tokens the previous step is sampling.
+        in_flight = np.flatnonzero(positions >= batch.num_tokens[req_index])
+        if len(in_flight):
+            source = self.prev_sampled_index[req_index[in_flight]]
+            input_ids_device[to_device(in_flight)] = self.prev_sampled[to_device(source)]
         if self.cuda_graphs is not None and attn_metadata.max_query_len == 1 \
                 and self.cuda_graphs.can_run(len(rows)):
-            hidden = self.cuda_graphs.run(to_device(input_ids), to_device(positions), attn_metadata)
+            hidden = self.cuda_graphs.run(input_ids_device, to_device(positions), attn_metadata)
         else:
-            hidden = self.model(to_device(input_ids), to_device(positions), attn_metadata)
+            hidden = self.model(input_ids_device, to_device(positions), attn_metadata)
 
         # Requests whose computed tokens caught up with their tokens sample a new one; the
         # others were mid-prefill.
         sampling = seq_lens >= batch.num_tokens[rows]
         prompt_logprobs = self._prompt_logprobs(hidden, rows, num_computed, num_scheduled,
                                                 cu_num_tokens, request_ids)
-        if not sampling.any():
-            return ModelRunnerOutput(request_ids=[], sampled_token_ids=[], prompt_logprobs=prompt_logprobs)
         sample_rows = rows[sampling]
-        logits = self.model.compute_logits(hidden[to_device(cu_num_tokens[sampling] - 1)])
-        out = self.sampler(logits, self._sampling_metadata(sample_rows))
-
-        sampled = out.sampled_token_ids.cpu().numpy()
-        batch.token_ids[sample_rows, batch.num_tokens[sample_rows]] = sampled
-        batch.num_tokens[sample_rows] += 1
         sample_ids = [request_ids[i] for i in np.flatnonzero(sampling)]
+        if not len(sample_rows):
+            self.pending.append(PendingStep([], sample_rows, None, None, None, [], prompt_logprobs))
+            return
+        logits = self.model.compute_logits(hidden[to_device(cu_num_tokens[sampling] - 1)])
+        out = self.sampler(logits, self._sampling_metadata(sample_rows, seq_lens[sampling]))
+
+        self.prev_sampled = out.sampled_token_ids
+        self.prev_sampled_index.fill(-1)
+        self.prev_sampled_index[sample_rows] = np.arange(len(sample_rows))
+        sampled_host = torch.empty(len(sample_rows), dtype=torch.long, pin_memory=self.device.type == "cuda")
+        sampled_host.copy_(out.sampled_token_ids, non_blocking=True)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        self.pending.append(PendingStep(sample_ids, sample_rows, sampled_host, ready, out,
+                                        batch.num_logprobs[sample_rows].tolist(), prompt_logprobs))
+
+    def collect(self) -> ModelRunnerOutput:
+        """The oldest launched step's result, waiting for the device if it is still running."""
+        step = self.pending.popleft()
+        self._write_back(step)
+        sampled = step.sampled_host.tolist() if step.sampled_host is not None else []
         return ModelRunnerOutput(
-            request_ids=sample_ids,
-            sampled_token_ids=[[t] for t in sampled.tolist()],
-            logprobs=self._sampled_logprobs(out, sample_rows, sample_ids),
-            prompt_logprobs=prompt_logprobs,
+            request_ids=step.request_ids,
+            sampled_token_ids=[[t] for t in sampled],
+            logprobs=self._sampled_logprobs(step),
+            prompt_logprobs=step.prompt_logprobs,
         )
+
+    def _write_back(self, step: PendingStep) -> None:
+        """Append the step's sampled tokens to the host copy of each request's tokens (once;
+        requests dropped or replaced since the launch are skipped)."""
+        if step.written or step.sampled_host is None:
+            return
+        if step.ready is not None:
+            step.ready.synchronize()
+        step.written = True
+        batch = self.batch
+        live = np.fromiter((batch.req_id_to_row.get(r, -1) == row for r, row in zip(step.request_ids, step.rows)),
+                           bool, len(step.rows))
+        rows = step.rows[live]
+        batch.token_ids[rows, batch.num_tokens[rows]] = step.sampled_host.numpy()[live]
+        batch.num_tokens[rows] += 1
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
 
-    def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
+    def _sampling_metadata(self, rows: np.ndarray, seq_lens: np.ndarray) -> SamplingMetadata:
+        """seq_lens: each row's tokens up to the one it samples after. Output counts derive
+        from it rather than from the host's tokens, which may lag a step in flight."""
         b = self.batch
+        num_output = seq_lens - b.num_prompt_tokens[rows]
         to_device = self._to_device
         temperature = b.temperature[rows]
         top_k = b.top_k[rows]
@@ -152,16 +220,19 @@ class ModelRunner:
         any_penalty = presence.any() or frequency.any() or (repetition != 1.0).any()
         output_counts = prompt_mask = None
         if any_penalty:
+            # Penalties read the tokens themselves: wait for the ones still in flight.
+            for step in self.pending:
+                self._write_back(step)
             output_counts, prompt_mask = self._token_counts(rows)
 
         row_of = {int(r): i for i, r in enumerate(rows)}
         generators: dict[int, torch.Generator] = {}
         for row, seed in b.seeds.items():
             if row in row_of:
-                num_output = int(b.num_tokens[row] - b.num_prompt_tokens[row])
+                i = row_of[row]
                 generator = b.generators[row]
-                generator.manual_seed((seed + num_output * _SEED_MIX) % (1 << 63))
-                generators[row_of[row]] = generator
+                generator.manual_seed((seed + int(num_output[i]) * _SEED_MIX) % (1 << 63))
+                generators[i] = generator
 
         bias_rows, bias_ids, bias_values = [], [], []
         for row, bias in b.logit_bias.items():
@@ -171,7 +242,7 @@ class ModelRunner:
                 bias_values += list(bias.values())
         ban_rows, ban_ids = [], []
         for row, stop_ids in b.stop_token_ids.items():
-            if row in row_of and b.num_tokens[row] - b.num_prompt_tokens[row] < b.min_tokens[row]:
+            if row in row_of and num_output[row_of[row]] < b.min_tokens[row]:
                 ban_rows += [row_of[row]] * len(stop_ids)
                 ban_ids += stop_ids
 
@@ -214,17 +285,15 @@ class ModelRunner:
         prompt_mask.scatter_add_(1, tokens, (pos < num_prompt).float())
         return counts, prompt_mask > 0
 
-    def _sampled_logprobs(self, out, rows: np.ndarray, request_ids: list[str]) -> dict[str, Logprobs]:
-        if out.logprobs is None:
+    def _sampled_logprobs(self, step: PendingStep) -> dict[str, Logprobs]:
+        out = step.sampler_output
+        if out is None or out.logprobs is None:
             return {}
         ids, lps, ranks = out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.ranks.tolist()
-        result = {}
-        for i, (row, request_id) in enumerate(zip(rows.tolist(), request_ids)):
-            k = int(self.batch.num_logprobs[row])
-            if k >= 0:
-                result[request_id] = Logprobs(token_ids=[ids[i][:1 + k]], logprobs=[lps[i][:1 + k]],
-                                              ranks=[ranks[i]])
-        return result
+        return {
+            request_id: Logprobs(token_ids=[ids[i][:1 + k]], logprobs=[lps[i][:1 + k]], ranks=[ranks[i]])
+            for i, (request_id, k) in enumerate(zip(step.request_ids, step.num_logprobs)) if k >= 0
+        }
 
     def _prompt_logprobs(self, hidden: torch.Tensor, rows: np.ndarray, num_computed: np.ndarray,
                          num_scheduled: np.ndarray, cu_num_tokens: np.ndarray,

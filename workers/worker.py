@@ -10,7 +10,6 @@ import torch
 from transformers import GenerationConfig
 
 from engine_core.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
-from engine_core.protocol import ModelRunnerOutput, SchedulerOutput
 from workers.model_loader import load_hf_config, load_model, resolve_dtype
 from workers.model_runner import ModelRunner
 from workers.model_source import resolve_model
@@ -119,6 +118,3 @@ class Worker:
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
         )
-
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
