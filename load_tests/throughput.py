@@ -23,9 +23,28 @@ import time
 import numpy as np
 import torch
 
-# Measured on the device machine (shared/device/README.md): copy bandwidth and bf16 matmul rate.
-BANDWIDTH = 3.0e12
-MATMUL_FLOPS = 777e12
+
+
+def measure_device() -> tuple[float, float]:
+    """This GPU's device-to-device copy bandwidth (bytes read + written per second) and bf16
+    matmul rate (8192^3), the two ceilings of the roofline, measured in the same run."""
+    def timed(fn, repeats: int = 20) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / repeats
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() / timed(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    flops = 2 * 8192 ** 3 / timed(lambda: a @ a)
+    del src, dst, a
+    torch.cuda.empty_cache()
+    return bandwidth, flops
 
 
 def reference_workload(num_seqs: int = 256) -> tuple[list[list[int]], list[int]]:
@@ -43,9 +62,11 @@ def qwen3_0_6b_config():
                        torch_dtype="bfloat16")
 
 
-def roofline_seconds(config, prompt_lens: np.ndarray, output_lens: np.ndarray) -> float:
+def roofline_seconds(config, prompt_lens: np.ndarray, output_lens: np.ndarray, bandwidth: float,
+                     matmul_flops: float) -> float:
     """Every sequence decoding in one batch: each step reads the weights once plus every active
-    sequence's KV; prefill is matmul-bound. A bound no engine reaches, for scale."""
+    sequence's KV at the copy bandwidth; prefill runs at the matmul rate. A bound no engine
+    reaches, for scale."""
     h, layers = config.hidden_size, config.num_hidden_layers
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     layer_params = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
@@ -54,8 +75,8 @@ def roofline_seconds(config, prompt_lens: np.ndarray, output_lens: np.ndarray) -
     seconds = 0.0
     for step in range(int(output_lens.max())):
         active = output_lens > step
-        seconds += (weight_bytes + (prompt_lens[active] + step).sum() * kv_bytes_per_token) / BANDWIDTH
-    return seconds + 2 * layers * layer_params * prompt_lens.sum() / MATMUL_FLOPS
+        seconds += (weight_bytes + (prompt_lens[active] + step).sum() * kv_bytes_per_token) / bandwidth
+    return seconds + 2 * layers * layer_params * prompt_lens.sum() / matmul_flops
 
 
 def run_octavo(model_dir: str, prompts, output_lens, args) -> dict:
@@ -142,8 +163,10 @@ def main() -> None:
     hf_model.save_pretrained(model_dir)
     print(f"workload: {len(prompts)} seqs, {sum(map(len, prompts))} prompt tokens, {sum(output_lens)} output tokens")
 
+    bandwidth, matmul_flops = measure_device()
     results = [run_octavo(model_dir, prompts, output_lens, args)]
-    roofline = roofline_seconds(config, np.array(list(map(len, prompts))), np.array(output_lens))
+    roofline = roofline_seconds(config, np.array(list(map(len, prompts))), np.array(output_lens),
+                                bandwidth, matmul_flops)
     results[0]["roofline_fraction"] = roofline / results[0]["seconds"]
     if args.hf_num_seqs:
         import gc
@@ -154,7 +177,9 @@ def main() -> None:
         results.append(run_hf_continuous(hf_model, prompts[:n], output_lens[:n]))
         results.append(run_hf_static(hf_model, prompts[:n], output_lens[:n]))
 
-    print(f"\nroofline: {roofline:.2f} s = {sum(output_lens) / roofline:,.0f} output tok/s")
+    print(f"\n{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul "
+          f"{matmul_flops / 1e12:.0f} TFLOP/s; roofline {roofline:.2f} s = {sum(output_lens) / roofline:,.0f} "
+          f"output tok/s")
     print(f"{'engine':<48} {'seqs':>5} {'seconds':>8} {'out tok/s':>10} {'vs octavo':>10}")
     for r in results:
         seqs = len(prompts) if r["engine"] == "octavo" else args.hf_num_seqs
@@ -163,7 +188,8 @@ def main() -> None:
     print(f"octavo: {results[0]['roofline_fraction']:.0%} of the roofline; start-up {results[0]['startup_s']:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"roofline_s": roofline, "results": results}, f, indent=2)
+            json.dump({"device": torch.cuda.get_device_name(), "bandwidth": bandwidth,
+                       "matmul_flops": matmul_flops, "roofline_s": roofline, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":
