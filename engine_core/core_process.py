@@ -58,13 +58,18 @@ class EngineCoreProc:
         self.output_thread = threading.Thread(target=self._output_loop, args=(output_socket,),
                                               name="engine-output", daemon=True)
 
-    def run(self) -> None:
+    def start_threads(self) -> None:
         self.input_thread.start()
         self.output_thread.start()
+
+    def run(self) -> None:
         while True:
             self._process_input_queue()
             if self.engine.has_unfinished_requests():
-                self.output_queue.put_nowait(self.engine.step())
+                outputs = self.engine.step()
+                # A pipelined step that only launched work has nothing to say yet.
+                if outputs.outputs:
+                    self.output_queue.put_nowait(outputs)
 
     def _process_input_queue(self) -> None:
         # Idle: sleep on the queue instead of spinning. Busy: take only what is already there.
@@ -154,8 +159,13 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     proc: EngineCoreProc | None = None
     try:
         engine = EngineCore(config)
-        input_socket.send(msgspec.msgpack.encode(engine.ready))
         proc = EngineCoreProc(engine, input_socket, output_socket)
+        # A stop signal between the two thread starts would leave a socket that nobody
+        # closes, and ctx.term() below waiting for it forever: start both or neither.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        input_socket.send(msgspec.msgpack.encode(engine.ready))
+        proc.start_threads()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         proc.run()
     except SystemExit:
         logger.info("engine core shutting down")
@@ -173,10 +183,13 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
         proc.stop_output(EngineCoreOutputs(engine_dead=f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         return 1
     finally:
-        if proc is None:
+        # Each running I/O thread closes its own socket (ctx.term() wakes the input thread's
+        # recv); the sockets of threads that never ran are closed here.
+        if proc is None or not proc.input_thread.is_alive():
             input_socket.close(linger=0)
+        if proc is None or not proc.output_thread.is_alive():
             output_socket.close(linger=0)
-        ctx.term()  # wakes the input thread (ContextTerminated), which closes its socket
+        ctx.term()
 
 
 def main() -> None:
@@ -184,7 +197,6 @@ def main() -> None:
     input_addr, output_addr = sys.argv[1], sys.argv[2]
     config = msgspec.json.decode(sys.stdin.buffer.readline(), type=EngineConfig)
     # Ctrl-C reaches the whole process group; the frontend decides when the engine stops.
-    import faulthandler; faulthandler.register(signal.SIGUSR1, all_threads=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_system_exit)
     threading.Thread(target=_watch_lifeline, args=(sys.stdin.fileno(),), name="lifeline", daemon=True).start()

@@ -90,17 +90,27 @@ def run_octavo(model_dir: str, prompts, output_lens, args) -> dict:
     startup = time.perf_counter() - start
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))  # warm-up
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in output_lens]
-    profiler = cProfile.Profile() if args.profile else None
+    host_profiler = cProfile.Profile() if args.profile == "host" else None
+    device_profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) \
+        if args.profile == "device" else None
     torch.cuda.synchronize()
     start = time.perf_counter()
-    if profiler:
-        profiler.enable()
+    if host_profiler:
+        host_profiler.enable()
+    if device_profiler:
+        device_profiler.start()
     outputs = llm.generate(prompts, params)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    if profiler:
-        profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+    if host_profiler:
+        host_profiler.disable()
+        pstats.Stats(host_profiler).sort_stats("tottime").print_stats(30)
+    if device_profiler:
+        device_profiler.stop()
+        events = device_profiler.key_averages()
+        busy_us = sum(e.device_time_total for e in events)
+        print(events.table(sort_by="device_time_total", row_limit=25, max_name_column_width=70))
+        print(f"GPU busy {busy_us / 1e6:.2f} s of {elapsed:.2f} s wall")
     num_out = sum(len(o.token_ids) for o in outputs)
     assert num_out == sum(output_lens), (num_out, sum(output_lens))
     return {"engine": "octavo", "seconds": elapsed, "output_tokens": num_out,
@@ -148,7 +158,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="print where the host's time goes (cProfile)")
+    parser.add_argument("--profile", choices=["host", "device"],
+                        help="print where the time goes: the host's Python (cProfile) or GPU kernels")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 

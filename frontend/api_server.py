@@ -1,0 +1,200 @@
+"""The aiohttp application and the server's lifetime: start the engine, serve, shut down."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import importlib.metadata
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from engine_core.config import EngineConfig
+from frontend.engine_client import EngineClient, EngineStartError
+from frontend.errors import APIError, engine_dead, invalid_param
+from frontend.openai_protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
+from frontend.serving import ServerState, decode_body, json_response
+from frontend.serving_chat import create_chat_completion
+from frontend.serving_completion import create_completion
+from frontend.tokenizer import ModelTokenizer, import_transformers
+
+logger = logging.getLogger("octavo")
+
+MAX_BODY_BYTES = 16 << 20  # larger bodies get a 413 before they are parsed
+# After the engine dies, keep answering (503) this long so health checks and in-flight
+# clients see why, then exit non-zero for the supervisor to restart us.
+DEAD_ENGINE_GRACE_S = 5.0
+_SHUTDOWN_TIMEOUT_S = 5.0
+
+STATE = web.AppKey("state", ServerState)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error_response(error: APIError) -> web.Response:
+    return web.Response(status=error.status, body=error.body(), content_type="application/json")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except APIError as e:
+        return _error_response(e)
+    except web.HTTPException as e:  # aiohttp's own: unknown route (404), 405, body too large (413)
+        if e.status < 400:
+            raise
+        message = e.text if e.status == 413 else f"{e.reason}: {request.method} {request.path}"
+        return _error_response(APIError(e.status, message))
+    except Exception as e:
+        logger.exception("error serving %s %s", request.method, request.path)
+        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    api_key = request.app[STATE].api_key
+    if api_key is not None and request.path.startswith("/v1"):
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return await handler(request)
+
+
+async def health(request: web.Request) -> web.Response:
+    client = request.app[STATE].client
+    if client.dead_reason is not None:
+        return _error_response(engine_dead(client.dead_reason))
+    return web.Response()
+
+
+async def version(request: web.Request) -> web.Response:
+    return json_response({"version": importlib.metadata.version("octavo")})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    created = int(time.time())
+    return json_response(ModelList([ModelCard(name, created, state.ready.model_path, state.ready.max_model_len)
+                                    for name in state.model_names]))
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await decode_body(request, TokenizeRequest)
+    state.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise invalid_param("prompt", "give exactly one of prompt and messages")
+    if body.messages is not None:
+        tokens = state.tokenizer.chat_token_ids(body.messages, body.add_generation_prompt)
+    else:
+        tokens = state.tokenizer.encode(body.prompt or "", body.add_special_tokens)
+    return json_response({"count": len(tokens), "max_model_len": state.ready.max_model_len, "tokens": tokens})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await decode_body(request, DetokenizeRequest)
+    state.check_model(body.model)
+    bad = next((t for t in body.tokens if not 0 <= t < state.ready.vocab_size), None)
+    if bad is not None:
+        raise invalid_param("tokens", f"token ids must be in [0, {state.ready.vocab_size}), got {bad}")
+    return json_response({"prompt": state.tokenizer.decode(body.tokens)})
+
+
+async def kv_cache_stats(request: web.Request) -> web.Response:
+    """The engine's KV block pool (free / total blocks, usage): for operators and tests."""
+    return json_response(await request.app[STATE].client.call_utility("get_kv_cache_stats"))
+
+
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    return json_response({"success": await request.app[STATE].client.call_utility("reset_prefix_cache")})
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await create_chat_completion(request.app[STATE], request)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await create_completion(request.app[STATE], request)
+
+
+def build_app(state: ServerState) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY_BYTES)
+    app[STATE] = state
+    app.router.add_get("/health", health)
+    app.router.add_get("/version", version)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_get("/v1/internal/kv_cache", kv_cache_stats)
+    app.router.add_post("/v1/internal/reset_prefix_cache", reset_prefix_cache)
+    return app
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    host: str
+    port: int
+    api_key: str | None
+    served_model_names: list[str] | None
+
+
+async def serve(config: EngineConfig, args: ServerArgs) -> int:
+    """Run the server until SIGINT / SIGTERM (exit code 0) or the engine's death (1)."""
+    client = EngineClient(config)
+    try:
+        starting = asyncio.ensure_future(client.start())
+        await asyncio.to_thread(import_transformers)
+        try:
+            ready = await starting
+        except EngineStartError as e:
+            logger.error("%s", e)
+            return 1
+        tokenizer = ModelTokenizer(ready.model_path)
+        names = args.served_model_names or [config.model or os.path.basename(ready.model_path.rstrip("/"))]
+        logger.info("serving %s (%s) on %s, dtype %s: KV cache of %d tokens (%d blocks of %d), maximum "
+                    "concurrency %.2fx at max_model_len %d", names[0], ready.model_path, ready.device,
+                    ready.dtype, ready.kv_capacity_tokens, ready.num_kv_blocks, ready.block_size,
+                    ready.max_concurrency, ready.max_model_len)
+        app = build_app(ServerState(client, tokenizer, ready, names, args.api_key))
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
+        await runner.setup()
+        try:
+            try:
+                await web.TCPSite(runner, args.host, args.port).start()
+            except OSError as e:
+                logger.error("cannot listen on %s:%d: %s", args.host, args.port, e)
+                return 1
+            logger.info("listening on http://%s:%d (OpenAI API under /v1)", args.host, args.port)
+            return await _wait_for_exit(client)
+        finally:
+            await runner.cleanup()
+    finally:
+        await client.shutdown()
+
+
+async def _wait_for_exit(client: EngineClient) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    stopped, died = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(client.dead.wait())
+    await asyncio.wait({stopped, died}, return_when=asyncio.FIRST_COMPLETED)
+    if stopped.done():
+        died.cancel()
+        logger.info("shutting down")
+        return 0
+    logger.error("the engine is dead (%s): answering 503 for %.0f s, then exiting", client.dead_reason,
+                 DEAD_ENGINE_GRACE_S)
+    try:
+        await asyncio.wait_for(stopped, DEAD_ENGINE_GRACE_S)
+    except asyncio.TimeoutError:
+        pass
+    return 1

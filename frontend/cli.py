@@ -1,0 +1,94 @@
+"""The `octavo` command: `octavo serve [MODEL] [flags]`, with vllm serve's flag names."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+
+from engine_core.config import DEVICES, DTYPES, EngineConfig
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """A memory size: plain bytes, or with a unit (512MiB, 2GiB, 1.5GB; k/m/g/t)."""
+    found = _SIZE.match(text)
+    if found is None:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (say e.g. 2GiB or 2147483648)")
+    number, unit, binary = found.groups()
+    base = 1024 if binary or not unit else 1000
+    return int(float(number) * base ** " kmgt".index(unit.lower() or " "))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = EngineConfig()
+    parser = argparse.ArgumentParser(prog="octavo", description="Octavo: an OpenAI-compatible LLM server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="serve a model over the OpenAI API",
+        description="Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                    "/v1/models, /health, /tokenize, /detokenize, /version).")
+    serve.add_argument("model", nargs="?", default=None,
+                       help="a Hugging Face checkpoint directory, a GGUF file, or a model id in the local Hugging "
+                            "Face cache; none: the embedded default, SmolLM2-135M-Instruct")
+    server = serve.add_argument_group("server")
+    server.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    server.add_argument("--api-key", default=os.environ.get("OCTAVO_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $OCTAVO_API_KEY; none: open)")
+    server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="the model name(s) clients use; the first is reported in responses "
+                             "(default: MODEL, or the default model's name)")
+    engine = serve.add_argument_group("engine")
+    engine.add_argument("--max-model-len", type=int, default=defaults.max_model_len,
+                        help="context length: prompt plus completion tokens (default: the model's)")
+    engine.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
+                        help="most requests running in one step (default: %(default)s)")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
+                        help="token budget of one step: prefill chunks plus decodes (default: %(default)s)")
+    engine.add_argument("--block-size", type=int, default=defaults.block_size, choices=(8, 16, 32, 64, 128),
+                        help="tokens per KV cache block (default: %(default)s)")
+    engine.add_argument("--dtype", default=defaults.dtype, choices=DTYPES,
+                        help="weights and activations; auto: the checkpoint's on GPU, float32 on CPU (default: %(default)s)")
+    engine.add_argument("--device", default=defaults.device, choices=DEVICES, help="where to run; auto: CUDA if available (default: %(default)s)")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
+                        help="fraction of GPU memory for weights, activations and KV cache (default: %(default)s)")
+    engine.add_argument("--kv-cache-memory", type=parse_bytes, default=defaults.kv_cache_memory,
+                        help="KV cache size, e.g. 2GiB (default: from --gpu-memory-utilization on GPU, 1 GiB on CPU)")
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=defaults.enable_prefix_caching, help="reuse the KV cache of shared prompt prefixes (default: on)")
+    engine.add_argument("--seed", type=int, default=defaults.seed, help="random seed of the engine (default: %(default)s)")
+    engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
+                        help="GPUs to shard the model over (default: %(default)s)")
+    return parser
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = engine_config(args)
+    except ValueError as e:
+        parser.error(str(e))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    from frontend.api_server import ServerArgs, serve  # heavy (transformers): after argument errors
+
+    return uvloop.run(serve(config, ServerArgs(args.host, args.port, args.api_key, args.served_model_name)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""API errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+
+class ErrorInfo(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorInfo
+
+
+class APIError(Exception):
+    """Raised anywhere while serving a request; the error middleware turns it into a response."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.info = ErrorInfo(message=message, type="invalid_request_error" if status < 500 else "server_error", param=param, code=code)
+
+    def body(self) -> bytes:
+        return msgspec.json.encode(ErrorResponse(self.info))
+
+
+def invalid_param(param: str | None, message: str) -> APIError:
+    return APIError(400, message, param=param, code="invalid_value" if param else None)
+
+
+def engine_dead(reason: str) -> APIError:
+    return APIError(503, f"The engine is not running: {reason}", code="engine_dead")
+
+
+# msgspec says where a value failed as "- at `$.messages[0].role`" or names a missing field.
+_AT_PATH = re.compile(r"at `\$\.([^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]*)`")
+
+
+def from_decode_error(e: Exception) -> APIError:
+    """A msgspec decode/validation failure (or invalid UTF-8) as a 400 naming the parameter."""
+    if isinstance(e, UnicodeDecodeError):
+        return invalid_param(None, "The request body is not valid UTF-8")
+    if isinstance(e, msgspec.ValidationError):
+        message = str(e)
+        found = _AT_PATH.search(message) or _MISSING.search(message)
+        return invalid_param(found.group(1) if found else None, message)
+    return invalid_param(None, f"The request body is not valid JSON: {e}")
+
+
+def from_value_error(e: ValueError) -> APIError:
+    """A `check_arg` failure ("<name> must be ..."), naming the parameter it starts with."""
+    message = str(e)
+    return invalid_param(message.split(" ", 1)[0], message)

@@ -1,0 +1,220 @@
+"""What chat and text completions share: the server's state, fan-out into engine requests,
+context-length checks, SSE framing and logprob formatting."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import msgspec
+from aiohttp import web
+
+from engine_core.protocol import EngineCoreRequest, EngineReady, Logprobs, SamplingParams
+from frontend.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from frontend.engine_client import EngineClient
+from frontend.errors import APIError, from_decode_error, invalid_param
+from frontend.openai_protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob, Usage
+from frontend.output_processor import ChoiceDelta, RequestOutputCollector, RequestState
+from frontend.tokenizer import ModelTokenizer
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SSE_DONE = b"data: [DONE]\n\n"
+_json = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True)
+class ServerState:
+    client: EngineClient
+    tokenizer: ModelTokenizer
+    ready: EngineReady
+    model_names: list[str]  # the first is the name responses carry by default
+    api_key: str | None
+
+    def check_model(self, model: str | None) -> str:
+        if model is None:
+            return self.model_names[0]
+        if model not in self.model_names:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        return model
+
+
+async def decode_body(request: web.Request, type_: type[T]) -> T:
+    body = await request.read()  # raises 413 beyond the app's client_max_size
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise from_decode_error(e) from None
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_max_tokens(max_model_len: int, num_prompt_tokens: int, max_tokens: int | None,
+                     max_tokens_name: str, prompt_name: str) -> int:
+    """Return the completion budget: as asked, or whatever room the context leaves."""
+    if max_tokens is not None and max_tokens < 1:
+        raise invalid_param(max_tokens_name, f"{max_tokens_name} must be >= 1, got {max_tokens}")
+    if max_tokens is None:
+        if num_prompt_tokens >= max_model_len:
+            raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, "
+                           f"you requested {num_prompt_tokens} tokens in the {prompt_name}, which leaves no "
+                           f"room for the completion. Please reduce the length of the {prompt_name}.",
+                           param=prompt_name, code="context_length_exceeded")
+        return max_model_len - num_prompt_tokens
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
+                       f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+                       f"{prompt_name}, {max_tokens} in the completion). Please reduce the length of the "
+                       f"{prompt_name} or completion.", param=prompt_name, code="context_length_exceeded")
+    return max_tokens
+
+
+def child_params(params: SamplingParams, index: int) -> SamplingParams:
+    # As vLLM: with a seed, choice i samples with seed + i, so n > 1 gives n different
+    # samples and the whole response stays reproducible.
+    if params.seed is None or index == 0:
+        return params
+    return msgspec.structs.replace(params, seed=params.seed + index)
+
+
+class Generation:
+    """The engine requests behind one HTTP request, one per choice, sharing one collector."""
+
+    def __init__(self, state: ServerState, request_id: str, prompts: list[list[int]],
+                 params: list[SamplingParams], stop: list[str], include_stop_str_in_output: bool,
+                 skip_special_tokens: bool) -> None:
+        self.request_id = request_id
+        self.client = state.client
+        self.collector = RequestOutputCollector()
+        self.unfinished: dict[int, str] = {}  # choice index -> engine request id
+        arrival = time.time()
+        for index, (prompt, choice_params) in enumerate(zip(prompts, params)):
+            child_id = f"{request_id}-{index}"
+            detokenizer = IncrementalDetokenizer(state.tokenizer.fast, prompt, skip_special_tokens)
+            matcher = StopStringMatcher(stop, include_stop_str_in_output) if stop else None
+            request_state = RequestState(child_id, index, self.collector, detokenizer, matcher,
+                                         include_stop_str_in_output)
+            self.unfinished[index] = child_id
+            self.client.add_request(EngineCoreRequest(child_id, prompt, choice_params, arrival), request_state)
+
+    @property
+    def done(self) -> bool:
+        return not self.unfinished
+
+    async def next(self) -> dict[int, ChoiceDelta]:
+        deltas = await self.collector.get()
+        for index, delta in deltas.items():
+            if delta.finished:
+                self.unfinished.pop(index, None)
+        return deltas
+
+    async def collect(self) -> dict[int, ChoiceDelta]:
+        """Everything, for a non-streaming response; raises the first choice's error."""
+        total: dict[int, ChoiceDelta] = {}
+        while not self.done:
+            for index, delta in (await self.next()).items():
+                if delta.error is not None:
+                    raise delta.error
+                if index in total:
+                    total[index].merge(delta)
+                else:
+                    total[index] = delta
+        return total
+
+    def close(self) -> None:
+        """Abort what is still running: the client went away or the response failed."""
+        if self.unfinished:
+            self.client.abort(list(self.unfinished.values()))
+            self.unfinished.clear()
+
+
+def usage(num_prompt_tokens: int, num_output_tokens: int) -> Usage:
+    return Usage(num_prompt_tokens, num_output_tokens, num_prompt_tokens + num_output_tokens)
+
+
+def json_response(body: msgspec.Struct | dict | list) -> web.Response:
+    return web.Response(body=_json.encode(body), content_type="application/json")
+
+
+def sse_event(body: msgspec.Struct) -> bytes:
+    return b"data: " + _json.encode(body) + b"\n\n"
+
+
+async def stream_sse(request: web.Request, events: AsyncGenerator[bytes, None]) -> web.StreamResponse:
+    """Send `events` as Server-Sent Events. Once the response has started an error cannot
+    change its status, so it goes out as an error event before the closing [DONE]."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    try:
+        async for data in events:
+            await response.write(data)
+        await response.write(SSE_DONE)
+    except ConnectionResetError:
+        pass  # the client left; the handler's Generation.close() aborts the engine requests
+    except Exception as e:
+        if not isinstance(e, APIError):
+            logger.exception("error while streaming %s", request.path)
+            e = APIError(500, f"internal error: {type(e).__name__}: {e}")
+        await response.write(b"data: " + e.body() + b"\n\n" + SSE_DONE)
+    finally:
+        await events.aclose()
+    return response
+
+
+def chat_logprobs(tokenizer: ModelTokenizer, logprobs: Logprobs, num_top: int) -> ChatLogprobs:
+    """OpenAI's chat shape: per token its text, logprob, bytes and the top alternatives."""
+    rows = logprobs.token_ids
+    flat = [t for row in rows for t in row[:num_top + 1]]
+    texts = iter(tokenizer.token_strings(flat))
+    content = []
+    for ids, lps in zip(rows, logprobs.logprobs):
+        token, *alternatives = [next(texts) for _ in ids[:num_top + 1]]
+        top = [TopLogprob(text, lp, list(text.encode())) for text, lp in zip(alternatives, lps[1:])]
+        content.append(TokenLogprob(token, lps[0], list(token.encode()), top))
+    return ChatLogprobs(content)
+
+
+def completion_logprobs(tokenizer: ModelTokenizer, logprobs: Logprobs | None, text_offset: int,
+                        prompt_token_ids: list[int] | None = None,
+                        prompt_logprobs: Logprobs | None = None) -> CompletionLogprobs:
+    """The legacy completions shape; with `prompt_token_ids` (echo) the prompt comes first,
+    its first token without a logprob as nothing precedes it."""
+    rows_ids: list[list[int]] = []
+    rows_lps: list[list[float]] = []
+    leading_none = 0
+    if prompt_token_ids is not None:
+        rows_ids.append(prompt_token_ids[:1])
+        rows_lps.append([])
+        leading_none = 1
+        if prompt_logprobs is not None:
+            rows_ids += prompt_logprobs.token_ids
+            rows_lps += prompt_logprobs.logprobs
+        else:
+            rows_ids += [[t] for t in prompt_token_ids[1:]]
+            rows_lps += [[] for _ in prompt_token_ids[1:]]
+    if logprobs is not None:
+        rows_ids += logprobs.token_ids
+        rows_lps += logprobs.logprobs
+    texts = iter(tokenizer.token_strings([t for row in rows_ids for t in row]))
+    result = CompletionLogprobs([], [], [], [])
+    for i, (ids, lps) in enumerate(zip(rows_ids, rows_lps)):
+        token = next(texts)
+        alternatives = [next(texts) for _ in ids[1:]]
+        result.tokens.append(token)
+        result.text_offset.append(text_offset)
+        text_offset += len(token)
+        if i < leading_none or not lps:
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+        else:
+            result.token_logprobs.append(lps[0])
+            result.top_logprobs.append(dict(zip([token, *alternatives], lps)))
+    return result
