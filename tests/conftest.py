@@ -56,8 +56,6 @@ class PagedSequences:
             query_start_loc=torch.tensor(starts, dtype=torch.int32),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
             block_tables=self.block_tables[seqs],
-            max_query_len=max(new_tokens.values()),
-            max_seq_len=max(seq_lens),
         )
         return torch.tensor(positions, dtype=torch.int64), metadata
 

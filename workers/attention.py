@@ -23,8 +23,6 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_reqs + 1] int32
     seq_lens: torch.Tensor  # [num_reqs] int32
     block_tables: torch.Tensor  # [num_reqs, max_blocks_per_req] int32
-    max_query_len: int
-    max_seq_len: int
 
 
 class Attention(nn.Module):

@@ -42,8 +42,6 @@ class CudaGraphRunner:
             query_start_loc=self.query_start_loc[:batch + 1],
             seq_lens=self.seq_lens[:batch],
             block_tables=self.block_tables[:batch],
-            max_query_len=1,
-            max_seq_len=1,
         )
 
     @torch.inference_mode()

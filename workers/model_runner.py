@@ -75,8 +75,6 @@ class ModelRunner:
                                              device=self.device),
                 seq_lens=torch.full((num_reqs,), tokens_per_req, dtype=torch.int32, device=self.device),
                 block_tables=torch.zeros(num_reqs, width, dtype=torch.int32, device=self.device),
-                max_query_len=tokens_per_req,
-                max_seq_len=tokens_per_req,
             )
             positions = torch.arange(tokens_per_req, device=self.device).repeat(num_reqs)
             hidden = self.model(torch.zeros_like(positions), positions, metadata)
@@ -135,8 +133,6 @@ class ModelRunner:
             query_start_loc=to_device(np.concatenate(([0], cu_num_tokens)).astype(np.int32)),
             seq_lens=to_device(seq_lens.astype(np.int32)),
             block_tables=to_device(batch.block_table[rows, :max_blocks]),
-            max_query_len=int(num_scheduled.max()),
-            max_seq_len=int(seq_lens.max()),
         )
         input_ids_device = to_device(input_ids)
         # Positions past the host's known tokens hold tokens the previous step is sampling.
@@ -144,7 +140,7 @@ class ModelRunner:
         if len(in_flight):
             source = self.prev_sampled_index[req_index[in_flight]]
             input_ids_device[to_device(in_flight)] = self.prev_sampled[to_device(source)]
-        if self.cuda_graphs is not None and attn_metadata.max_query_len == 1 \
+        if self.cuda_graphs is not None and num_scheduled.max() == 1 \
                 and self.cuda_graphs.can_run(len(rows)):
             hidden = self.cuda_graphs.run(input_ids_device, to_device(positions), attn_metadata)
         else:
@@ -160,7 +156,8 @@ class ModelRunner:
         if not len(sample_rows):
             self.pending.append(PendingStep([], sample_rows, None, None, None, [], prompt_logprobs))
             return
-        logits = self.model.compute_logits(hidden[to_device(cu_num_tokens[sampling] - 1)])
+        # Logits stay in the model's dtype: the fused sampling kernel reads them as they are.
+        logits = self.model.compute_logits(hidden[to_device(cu_num_tokens[sampling] - 1)], float32=False)
         out = self.sampler(logits, self._sampling_metadata(sample_rows, seq_lens[sampling]))
 
         self.prev_sampled = out.sampled_token_ids
@@ -212,28 +209,22 @@ class ModelRunner:
         num_output = seq_lens - b.num_prompt_tokens[rows]
         to_device = self._to_device
         temperature = b.temperature[rows]
+        greedy = temperature < 1e-5
         top_k = b.top_k[rows]
+        uses_top_k = (top_k > 0) & (top_k < self.vocab_size)
         top_p = b.top_p[rows]
         min_p = b.min_p[rows]
         presence, frequency, repetition = (b.presence_penalty[rows], b.frequency_penalty[rows],
                                            b.repetition_penalty[rows])
-        any_penalty = presence.any() or frequency.any() or (repetition != 1.0).any()
+        penalized = (presence != 0) | (frequency != 0) | (repetition != 1.0)
         output_counts = prompt_mask = None
-        if any_penalty:
+        if penalized.any():
             # Penalties read the tokens themselves: wait for the ones still in flight.
             for step in self.pending:
                 self._write_back(step)
             output_counts, prompt_mask = self._token_counts(rows)
 
         row_of = {int(r): i for i, r in enumerate(rows)}
-        generators: dict[int, torch.Generator] = {}
-        for row, seed in b.seeds.items():
-            if row in row_of:
-                i = row_of[row]
-                generator = b.generators[row]
-                generator.manual_seed((seed + int(num_output[i]) * _SEED_MIX) % (1 << 63))
-                generators[i] = generator
-
         bias_rows, bias_ids, bias_values = [], [], []
         for row, bias in b.logit_bias.items():
             if row in row_of:
@@ -246,17 +237,37 @@ class ModelRunner:
                 ban_rows += [row_of[row]] * len(stop_ids)
                 ban_ids += stop_ids
 
+        # On CUDA the fused kernel samples the rows that need no logits processor; truncation
+        # (top-k, top-p, min-p) never changes a greedy row's argmax.
+        needs_torch = penalized | (~greedy & (uses_top_k | (top_p < 1.0) | (min_p > 0)))
+        needs_torch[bias_rows + ban_rows] = True
+        fused = self.device.type == "cuda" and not needs_torch.all()
+        # One draw for every row's key; seeded rows' keys are overwritten below.
+        seeds = torch.randint(0, (1 << 63) - 1, (len(rows),), dtype=torch.int64).numpy() if fused else None
+        generators: dict[int, torch.Generator] = {}
+        for row, seed in b.seeds.items():
+            if row in row_of:
+                i = row_of[row]
+                key = (seed + int(num_output[i]) * _SEED_MIX) % (1 << 63)
+                if fused:
+                    seeds[i] = key
+                if not fused or needs_torch[i]:
+                    generator = b.generators[row]
+                    generator.manual_seed(key)
+                    generators[i] = generator
+
         def optional(values: list, dtype: torch.dtype) -> torch.Tensor | None:
             return torch.tensor(values, dtype=dtype, device=self.device) if values else None
 
         return SamplingMetadata(
             temperature=to_device(temperature),
-            all_greedy=bool((temperature < 1e-5).all()),
+            all_greedy=bool(greedy.all()),
             top_p=to_device(top_p) if (top_p < 1.0).any() else None,
-            top_k=to_device(np.where((top_k > 0) & (top_k < self.vocab_size), top_k, self.vocab_size))
-            if ((top_k > 0) & (top_k < self.vocab_size)).any() else None,
+            top_k=to_device(np.where(uses_top_k, top_k, self.vocab_size)) if uses_top_k.any() else None,
             min_p=to_device(min_p) if min_p.any() else None,
             generators=generators,
+            seeds=to_device(seeds) if fused else None,
+            torch_rows=to_device(needs_torch) if fused and needs_torch.any() else None,
             presence_penalty=to_device(presence) if presence.any() else None,
             frequency_penalty=to_device(frequency) if frequency.any() else None,
             repetition_penalty=to_device(repetition) if (repetition != 1.0).any() else None,

@@ -27,8 +27,6 @@ def peak_forward_memory(model: nn.Module, num_tokens: int, device: torch.device)
         query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
         seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
         block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device).unsqueeze(0),
-        max_query_len=num_tokens,
-        max_seq_len=num_tokens,
     )
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)

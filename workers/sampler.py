@@ -1,7 +1,11 @@
 """The sampler: batched logits processing, sampling and logprobs.
 
-Every operation is over the whole [num_reqs, vocab] tensor; per-request Python work is
-limited to seeded requests (one noise draw each) and logit biases.
+Two paths. On CUDA, rows that need no logits processor (plain temperature or greedy) are
+sampled by one fused kernel that reads the logits once in the model's dtype
+(`kernels.ops.sample_gumbel`). The torch path is the reference and handles everything
+(top-k, top-p, min-p, penalties, logit bias, min_tokens bans): every operation is over the
+whole [num_reqs, vocab] tensor in float32; per-request Python work is limited to seeded
+requests (one noise draw each) and logit biases.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from kernels import ops
 
 _GREEDY_EPS = 1e-5
 
@@ -23,8 +29,16 @@ class SamplingMetadata:
     top_k: torch.Tensor | None  # [B] int64 in [1, vocab], None when no request uses it
     min_p: torch.Tensor | None
     # Seeded rows draw their noise from a generator seeded by (seed, output position), so a
-    # request's tokens depend neither on the batch around it nor on preemption.
+    # request's tokens depend neither on the batch around it nor on preemption. Only rows the
+    # torch path samples have one.
     generators: dict[int, torch.Generator]
+    # The fused kernel: each row's 64-bit Philox key (seeded rows: from (seed, output
+    # position), as their generators; the others: drawn per step). None: the torch path
+    # samples every row.
+    seeds: torch.Tensor | None  # [B] int64
+    # With seeds, the rows that need a processor the fused kernel lacks, which the torch path
+    # samples; None when no row does.
+    torch_rows: torch.Tensor | None  # [B] bool
     presence_penalty: torch.Tensor | None  # [B]; penalties are None when every row is neutral
     frequency_penalty: torch.Tensor | None
     repetition_penalty: torch.Tensor | None
@@ -66,15 +80,25 @@ def compute_logprobs_rows(logprobs: torch.Tensor, token_ids: torch.Tensor, num_t
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
-        logits = logits.float()
+        """logits: [B, vocab] in the model's dtype (bfloat16 on a GPU) or float32."""
         # Logprobs are those of the model's raw distribution, as in vLLM and OpenAI.
-        raw_logprobs = logits.log_softmax(dim=-1) if metadata.max_num_logprobs >= 0 else None
-        logits = self.apply_logits_processors(logits, metadata)
-        sampled = self.sample(logits, metadata)
+        raw_logprobs = logits.float().log_softmax(dim=-1) if metadata.max_num_logprobs >= 0 else None
+        if metadata.seeds is None:
+            sampled = self.sample_torch(logits, metadata)
+        else:
+            sampled = ops.sample_gumbel(logits, metadata.temperature, metadata.seeds)
+            if metadata.torch_rows is not None:
+                # The torch path runs over the whole batch, whose rows the metadata indexes,
+                # and only its rows are kept. Float32 logits it edits in place: the fused
+                # kernel, enqueued first, has read them by then.
+                sampled = torch.where(metadata.torch_rows, self.sample_torch(logits, metadata), sampled)
         if raw_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
         ids, lps, ranks = compute_logprobs_rows(raw_logprobs, sampled, metadata.max_num_logprobs)
         return SamplerOutput(sampled, ids, lps, ranks)
+
+    def sample_torch(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        return self.sample(self.apply_logits_processors(logits.float(), md), md)
 
     @staticmethod
     def apply_logits_processors(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

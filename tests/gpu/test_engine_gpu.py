@@ -88,8 +88,7 @@ def test_mixed_batch_logits(checkpoint, dtype, bound):
             starts.append(starts[-1] + end - start)
             lens.append(end)
         md = AttentionMetadata(torch.tensor(slots, device="cuda"), torch.tensor(starts, dtype=torch.int32, device="cuda"),
-                               torch.tensor(lens, dtype=torch.int32, device="cuda"), tables,
-                               max(e - s for s, e in chunks), max(lens))
+                               torch.tensor(lens, dtype=torch.int32, device="cuda"), tables)
         hidden = ours(torch.tensor(ids, device="cuda"), torch.tensor(pos, device="cuda"), md)
         return ours.compute_logits(hidden), starts
 

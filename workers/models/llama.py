@@ -146,8 +146,11 @@ class LlamaForCausalLM(nn.Module):
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, attn_metadata)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """float32=False leaves the logits in the model's dtype, for a consumer that reads
+        them once (the fused sampler) rather than paying for a float32 copy."""
+        logits = self.lm_head(hidden)
+        return logits.float() if float32 else logits
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
