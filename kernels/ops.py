@@ -56,3 +56,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if _use_triton(x):
         return _triton_kernels().silu_and_mul(x)
     return reference.silu_and_mul(x)
+
+
+def sample_gumbel(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    if _use_triton(logits):
+        from kernels.triton_sampling import sample_gumbel as triton_sample_gumbel
+        return triton_sample_gumbel(logits, temperature, seeds)
+    return reference.sample_gumbel(logits, temperature, seeds)

@@ -115,3 +115,22 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [..., 2 * d] holding gate then up; returns silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def sample_gumbel(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """logits [B, vocab] (any float dtype), temperature [B], seeds [B] int64 -> token ids [B].
+
+    A row whose temperature is below 1e-5 takes `argmax(logits)` (the first on ties); any
+    other row samples softmax(logits / T) as `argmax(logits / T + Gumbel noise)`, the noise
+    drawn from a generator seeded with the row's seed alone, so a row's token does not depend
+    on its batch. The Triton kernel draws its noise from Philox instead (see
+    kernels.triton_sampling), which torch does not reproduce: the two agree exactly on greedy
+    rows and in distribution on the others."""
+    x = logits.float()
+    tokens = x.argmax(dim=-1)
+    for row in torch.nonzero(temperature >= 1e-5).flatten().tolist():
+        generator = torch.Generator(device=logits.device).manual_seed(int(seeds[row]))
+        # -log(E) with E ~ Exp(1) is Gumbel noise.
+        noise = -torch.empty_like(x[row]).exponential_(generator=generator).log()
+        tokens[row] = (x[row] / temperature[row] + noise).argmax()
+    return tokens

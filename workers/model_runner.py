@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from engine_core.protocol import Logprobs, ModelRunnerOutput, SchedulerOutput
+from kernels import ops
 from workers.attention import AttentionMetadata
 from workers.cuda_graphs import CudaGraphRunner
 from workers.input_batch import InputBatch
@@ -78,7 +79,10 @@ class ModelRunner:
             )
             positions = torch.arange(tokens_per_req, device=self.device).repeat(num_reqs)
             hidden = self.model(torch.zeros_like(positions), positions, metadata)
-            self.model.compute_logits(hidden[:num_reqs]).argmax(dim=-1)
+            logits = self.model.compute_logits(hidden[:num_reqs], float32=False)
+            # Greedy and sampled rows, so the sampling kernel compiles now too.
+            temperature = torch.tensor([0.0, 1.0] * num_reqs, device=self.device)[:num_reqs]
+            ops.sample_gumbel(logits, temperature, torch.arange(num_reqs, device=self.device))
         torch.cuda.synchronize(self.device)
 
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
