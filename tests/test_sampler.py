@@ -20,21 +20,16 @@ Draws come from seeded generators: the tests are deterministic.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import traceback
-from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
 
 from kernels import reference
+from triton_interpreter import run_cases, run_in_subprocess
 from workers.sampler import Sampler, SamplingMetadata
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ALPHA = 1e-4  # a correct sampler fails a check this rarely; the draws are seeded anyway
 LOGITS = torch.tensor([1.0, 2.0, 0.5, -1.0, 1.5, 0.0, -0.5, 2.2])
 
@@ -340,13 +335,7 @@ INTERPRETER_CASES: dict[str, Callable[[], None]] = {
 @pytest.fixture(scope="module")
 def interpreter_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str | None]:
     pytest.importorskip("triton")
-    results = tmp_path_factory.mktemp("triton_interpreter") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, __file__, str(results)], env=env, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(results.read_text())
+    return run_in_subprocess(__file__, tmp_path_factory.mktemp("triton_interpreter"))
 
 
 @pytest.mark.parametrize("case", list(INTERPRETER_CASES))
@@ -355,18 +344,5 @@ def test_triton_kernel(interpreter_results: dict[str, str | None], case: str) ->
     assert error is None, error
 
 
-def _run_interpreter_cases(results_path: str) -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
-    results: dict[str, str | None] = {}
-    for name, case in INTERPRETER_CASES.items():
-        torch.manual_seed(0)
-        try:
-            case()
-            results[name] = None
-        except Exception:
-            results[name] = traceback.format_exc()
-    Path(results_path).write_text(json.dumps(results))
-
-
 if __name__ == "__main__":
-    _run_interpreter_cases(sys.argv[1])
+    run_cases(INTERPRETER_CASES, sys.argv[1])
