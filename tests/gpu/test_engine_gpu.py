@@ -113,7 +113,8 @@ def test_greedy_generation_matches_transformers_fp32(checkpoint, enforce_eager):
     hf_cpu, path = checkpoint
     hf = copy.deepcopy(hf_cpu).to("cuda")
     llm = LLM(str(path), dtype="float32", max_model_len=1024, max_num_batched_tokens=256,
-              enforce_eager=enforce_eager, max_num_seqs=16)
+              enforce_eager=enforce_eager, max_num_seqs=16,
+              kv_cache_memory=1 << 30)  # several engines share the GPU in one test session
     rng = random.Random(1)
     prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 300))] for _ in range(12)]
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))

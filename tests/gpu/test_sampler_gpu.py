@@ -169,7 +169,8 @@ def test_engine_seeded_request_is_batch_independent(tmp_path) -> None:
                                       num_key_value_heads=2, intermediate_size=512, vocab_size=VOCAB,
                                       max_position_embeddings=1024)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=512, enforce_eager=True, max_num_seqs=16)
+    llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=512, enforce_eager=True, max_num_seqs=16,
+              kv_cache_memory=1 << 30)  # several engines share the GPU in one test session
     seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=16, ignore_eos=True)
     prompt = [5, 6, 7, 8]
     alone = llm.generate([prompt], seeded)[0].token_ids
