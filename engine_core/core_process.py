@@ -66,10 +66,9 @@ class EngineCoreProc:
         while True:
             self._process_input_queue()
             if self.engine.has_unfinished_requests():
-                outputs = self.engine.step()
-                # A pipelined step that only launched work has nothing to say yet.
-                if outputs.outputs:
-                    self.output_queue.put_nowait(outputs)
+                # Sent even with no tokens (a prefill chunk, a pipelined step that only
+                # launched work): its stats' counters were drained and are reported only here.
+                self.output_queue.put_nowait(self.engine.step())
 
     def _process_input_queue(self) -> None:
         # Idle: sleep on the queue instead of spinning. Busy: take only what is already there.
@@ -87,6 +86,9 @@ class EngineCoreProc:
             self.engine.add_request(payload)
         elif request_type is RequestType.ABORT:
             self.engine.abort_requests(payload)
+            if not self.engine.has_unfinished_requests():
+                # No step follows to report it: tell the frontend the batch and KV cache emptied.
+                self.output_queue.put_nowait(self.engine.scheduler.make_outputs([], 0))
         else:
             self.output_queue.put_nowait(EngineCoreOutputs(utility_output=self._call_utility(payload)))
 

@@ -127,6 +127,9 @@ class EngineCoreOutput(msgspec.Struct, **_STRUCT):
     stop_reason: int | None = None  # the stop token id that finished the request
     num_cached_tokens: int = 0
     error: str | None = None  # with finish_reason ERROR
+    # When the request was first scheduled (wall clock); with its first output only. The
+    # frontend times everything else itself; this splits queue time from prefill time.
+    scheduled_time: float = 0.0
 
     @property
     def finished(self) -> bool:
@@ -145,6 +148,7 @@ class SchedulerStats(msgspec.Struct, **_STRUCT):
     spec_num_drafts: int = 0
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
+    spec_num_accepted_tokens_per_pos: list[int] = []  # index i: accepted at draft position i
 
 
 class EngineCoreOutputs(msgspec.Struct, **_STRUCT):

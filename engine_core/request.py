@@ -35,6 +35,7 @@ class Request:
         # Tokens being sampled by a step still on the GPU: scheduled past, not yet known.
         self.num_output_placeholders: int = 0
         self.num_cached_tokens: int = -1  # prefix-cache hit of the first scheduling; -1: not yet
+        self.scheduled_time: float = 0.0  # wall clock of the first scheduling
         self.status: RequestStatus = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | None = None

@@ -121,6 +121,7 @@ class Scheduler:
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
+                request.scheduled_time = now()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             num_scheduled[request.request_id] = num_new
@@ -193,6 +194,7 @@ class Scheduler:
                 finish_reason=request.finish_reason,
                 stop_reason=request.stop_reason,
                 num_cached_tokens=request.num_cached_tokens,
+                scheduled_time=request.scheduled_time if request.num_output_tokens == len(new_token_ids) else 0.0,
             ))
             request.prompt_logprobs = []
             if request.is_finished:

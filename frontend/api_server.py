@@ -13,15 +13,19 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from engine_core.config import EngineConfig
+from engine_core.protocol import EngineReady
 from frontend.engine_client import EngineClient, EngineStartError
 from frontend.errors import APIError, engine_dead, invalid_param
 from frontend.openai_protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
-from frontend.serving import ServerState, decode_body, json_response
+from frontend.serving import AdmissionLimit, ServerState, decode_body, json_response
 from frontend.serving_chat import create_chat_completion
 from frontend.serving_completion import create_completion
 from frontend.tokenizer import ModelTokenizer, import_transformers
+from metrics.log_stats import DEFAULT_INTERVAL_S, LoggingStatLogger
+from metrics.prometheus import PrometheusStatLogger
 
 logger = logging.getLogger("octavo")
 
@@ -32,11 +36,13 @@ DEAD_ENGINE_GRACE_S = 5.0
 _SHUTDOWN_TIMEOUT_S = 5.0
 
 STATE = web.AppKey("state", ServerState)
+METRICS = web.AppKey("metrics", PrometheusStatLogger)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error_response(error: APIError) -> web.Response:
-    return web.Response(status=error.status, body=error.body(), content_type="application/json")
+    return web.Response(status=error.status, body=error.body(), content_type="application/json",
+                        headers=error.headers)
 
 
 @web.middleware
@@ -106,6 +112,10 @@ async def detokenize(request: web.Request) -> web.Response:
     return json_response({"prompt": state.tokenizer.decode(body.tokens)})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def kv_cache_stats(request: web.Request) -> web.Response:
     """The engine's KV block pool (free / total blocks, usage): for operators and tests."""
     return json_response(await request.app[STATE].client.call_utility("get_kv_cache_stats"))
@@ -113,6 +123,14 @@ async def kv_cache_stats(request: web.Request) -> web.Response:
 
 async def reset_prefix_cache(request: web.Request) -> web.Response:
     return json_response({"success": await request.app[STATE].client.call_utility("reset_prefix_cache")})
+
+
+async def request_stats(request: web.Request) -> web.Response:
+    """Requests the frontend holds: admitted against the overload bound, and engine requests
+    awaiting outputs. Both 0 once the server is idle; load tests check this for leaks."""
+    state = request.app[STATE]
+    return json_response({"admitted": state.admission.admitted, "limit": state.admission.limit,
+                          "engine_requests": len(state.client.processor.requests)})
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -123,10 +141,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await create_completion(request.app[STATE], request)
 
 
-def build_app(state: ServerState) -> web.Application:
+def build_app(state: ServerState, prometheus: PrometheusStatLogger) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY_BYTES)
     app[STATE] = state
+    app[METRICS] = prometheus
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/version", version)
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -135,6 +155,7 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/v1/internal/kv_cache", kv_cache_stats)
     app.router.add_post("/v1/internal/reset_prefix_cache", reset_prefix_cache)
+    app.router.add_get("/v1/internal/requests", request_stats)
     return app
 
 
@@ -144,6 +165,8 @@ class ServerArgs:
     port: int
     api_key: str | None
     served_model_names: list[str] | None
+    max_waiting_requests: int  # admitted beyond max_num_seqs; past it, 503 (see AdmissionLimit)
+    metrics_compat: str | None = None  # "vllm": /metrics also under vLLM's names
 
 
 async def serve(config: EngineConfig, args: ServerArgs) -> int:
@@ -163,7 +186,12 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
                     "concurrency %.2fx at max_model_len %d", names[0], ready.model_path, ready.device,
                     ready.dtype, ready.kv_capacity_tokens, ready.num_kv_blocks, ready.block_size,
                     ready.max_concurrency, ready.max_model_len)
-        app = build_app(ServerState(client, tokenizer, ready, names, args.api_key))
+        prometheus = PrometheusStatLogger(names[0], ready.max_model_len, _cache_config_info(config, ready),
+                                          _num_speculative_tokens(config), args.metrics_compat)
+        log_stats = LoggingStatLogger()
+        client.stat_loggers = [prometheus, log_stats]
+        admission = AdmissionLimit(config.max_num_seqs + args.max_waiting_requests)
+        app = build_app(ServerState(client, tokenizer, ready, names, args.api_key, admission), prometheus)
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         try:
@@ -173,11 +201,37 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
                 logger.error("cannot listen on %s:%d: %s", args.host, args.port, e)
                 return 1
             logger.info("listening on http://%s:%d (OpenAI API under /v1)", args.host, args.port)
-            return await _wait_for_exit(client)
+            log_task = asyncio.create_task(_log_stats_periodically(log_stats), name="log-stats")
+            try:
+                return await _wait_for_exit(client)
+            finally:
+                log_task.cancel()
         finally:
             await runner.cleanup()
     finally:
         await client.shutdown()
+
+
+def _cache_config_info(config: EngineConfig, ready: EngineReady) -> dict[str, str]:
+    # Label names as vLLM's cache_config_info where they mean the same thing.
+    return {"block_size": str(ready.block_size), "num_gpu_blocks": str(ready.num_kv_blocks),
+            "kv_capacity_tokens": str(ready.kv_capacity_tokens), "cache_dtype": ready.dtype,
+            "enable_prefix_caching": str(config.enable_prefix_caching),
+            "gpu_memory_utilization": str(config.gpu_memory_utilization), "device": ready.device}
+
+
+def _num_speculative_tokens(config: EngineConfig) -> int:
+    spec = config.speculative_config
+    return 0 if spec is None else spec.num_speculative_tokens
+
+
+async def _log_stats_periodically(log_stats: LoggingStatLogger) -> None:
+    interval = float(os.environ.get("OCTAVO_LOG_STATS_INTERVAL", DEFAULT_INTERVAL_S))
+    if interval <= 0:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        log_stats.log()
 
 
 async def _wait_for_exit(client: EngineClient) -> int:

@@ -10,6 +10,8 @@ import sys
 
 from engine_core.config import DEVICES, DTYPES, EngineConfig
 
+# Enough for bursts; bounded so that overload answers 503 instead of queueing without end.
+DEFAULT_MAX_WAITING_REQUESTS = 1024
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -21,6 +23,13 @@ def parse_bytes(text: str) -> int:
     number, unit, binary = found.groups()
     base = 1024 if binary or not unit else 1000
     return int(float(number) * base ** " kmgt".index(unit.lower() or " "))
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="the model name(s) clients use; the first is reported in responses "
                              "(default: MODEL, or the default model's name)")
+    server.add_argument("--metrics-compat", choices=("vllm",), default=None,
+                        help="vllm: /metrics also exports every metric under vLLM's names (vllm:...), for "
+                             "existing vLLM dashboards and autoscalers (default: octavo:... only)")
+    server.add_argument("--max-waiting-requests", type=_non_negative_int, default=DEFAULT_MAX_WAITING_REQUESTS,
+                        metavar="N", help="requests admitted beyond --max-num-seqs (waiting for the engine); past "
+                        "it new requests get 503 with Retry-After at once (default: %(default)s)")
     engine = serve.add_argument_group("engine")
     engine.add_argument("--max-model-len", type=int, default=defaults.max_model_len,
                         help="context length: prompt plus completion tokens (default: the model's)")
@@ -87,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from frontend.api_server import ServerArgs, serve  # heavy (transformers): after argument errors
 
-    return uvloop.run(serve(config, ServerArgs(args.host, args.port, args.api_key, args.served_model_name)))
+    return uvloop.run(serve(config, ServerArgs(args.host, args.port, args.api_key, args.served_model_name,
+                                                max_waiting_requests=args.max_waiting_requests,
+                                                metrics_compat=args.metrics_compat)))
 
 
 if __name__ == "__main__":

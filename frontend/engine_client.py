@@ -15,6 +15,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import time
 from typing import Any
 
 import msgspec
@@ -31,6 +32,7 @@ from engine_core.protocol import (
 )
 from frontend.errors import APIError, engine_dead
 from frontend.output_processor import OutputProcessor, RequestState
+from metrics.stats import IterationStats, SchedulerStatsLike, StatLogger
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ class EngineClient:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.processor = OutputProcessor()
+        # Given every step's stats and what the outputs did to requests (set by the server).
+        self.stat_loggers: list[StatLogger] = []
         self.dead_reason: str | None = None
         self.dead = asyncio.Event()  # set once the engine is gone
         self._ctx = zmq.asyncio.Context()
@@ -97,15 +101,18 @@ class EngineClient:
 
     def add_request(self, request: EngineCoreRequest, state: RequestState) -> None:
         self._check_alive()
-        self.processor.add(state)
+        self.processor.add(state, request)
         if not self._send(RequestType.ADD, self._encoder.encode(request)):
             self._check_alive()
 
     def abort(self, request_ids: list[str]) -> None:
         """Abort requests still in flight (a disconnect, a stop string); others are ignored."""
-        in_flight = self.processor.remove(request_ids)
-        if in_flight and self.dead_reason is None:
-            self._send(RequestType.ABORT, self._encoder.encode(in_flight))
+        iteration = IterationStats(time.time())
+        in_flight = self.processor.abort(request_ids, iteration)
+        if in_flight:
+            self._record_stats(None, iteration)
+            if self.dead_reason is None:
+                self._send(RequestType.ABORT, self._encoder.encode(in_flight))
 
     async def call_utility(self, method: str, *args: Any) -> Any:
         """Call an EngineCore utility method by name; returns its (msgpack-decoded) result."""
@@ -143,10 +150,12 @@ class EngineClient:
             while True:
                 frame = await self._output.recv(copy=False)
                 outputs = decoder.decode(frame.buffer)
-                if outputs.outputs:
-                    to_abort = self.processor.process(outputs.outputs)
+                if outputs.scheduler_stats is not None:  # a step's outputs (not a utility answer)
+                    iteration = IterationStats(time.time())
+                    to_abort = self.processor.process(outputs.outputs, iteration)
                     if to_abort:
                         self._send(RequestType.ABORT, self._encoder.encode(to_abort))
+                    self._record_stats(outputs.scheduler_stats, iteration)
                 if outputs.utility_output is not None:
                     self._resolve_utility(outputs)
                 if outputs.engine_dead is not None:
@@ -157,6 +166,10 @@ class EngineClient:
             # Without this loop no request can ever finish: fail them all loudly instead.
             logger.exception("processing engine outputs failed")
             self._mark_dead(f"processing engine outputs failed ({type(e).__name__}: {e})")
+
+    def _record_stats(self, scheduler_stats: SchedulerStatsLike | None, iteration: IterationStats) -> None:
+        for stat_logger in self.stat_loggers:
+            stat_logger.record(scheduler_stats, iteration)
 
     def _resolve_utility(self, outputs: EngineCoreOutputs) -> None:
         result = outputs.utility_output
@@ -180,7 +193,9 @@ class EngineClient:
             return
         self.dead_reason = reason
         error = engine_dead(reason)
-        self.processor.fail_all(error)
+        iteration = IterationStats(time.time())
+        self.processor.fail_all(error, iteration)
+        self._record_stats(None, iteration)
         for future in self._utility_calls.values():
             if not future.done():
                 future.set_exception(error)

@@ -21,10 +21,12 @@ class ErrorResponse(msgspec.Struct):
 class APIError(Exception):
     """Raised anywhere while serving a request; the error middleware turns it into a response."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.info = ErrorInfo(message=message, type="invalid_request_error" if status < 500 else "server_error", param=param, code=code)
+        self.headers = headers or {}  # sent with the error response (e.g. Retry-After)
 
     def body(self) -> bytes:
         return msgspec.json.encode(ErrorResponse(self.info))
@@ -36,6 +38,15 @@ def invalid_param(param: str | None, message: str) -> APIError:
 
 def engine_dead(reason: str) -> APIError:
     return APIError(503, f"The engine is not running: {reason}", code="engine_dead")
+
+
+# Clients (the OpenAI SDK among them) wait this long before retrying a 503.
+OVERLOADED_RETRY_AFTER_S = 1
+
+
+def overloaded(limit: int) -> APIError:
+    return APIError(503, f"The server is overloaded: {limit} requests are already running or waiting. "
+                    "Retry later.", code="overloaded", headers={"Retry-After": str(OVERLOADED_RETRY_AFTER_S)})
 
 
 # msgspec says where a value failed as "- at `$.messages[0].role`" or names a missing field.

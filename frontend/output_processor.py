@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 
-from engine_core.protocol import EngineCoreOutput, FinishReason, Logprobs
+from engine_core.protocol import EngineCoreOutput, EngineCoreRequest, FinishReason, Logprobs
 from frontend.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from frontend.errors import APIError
+from metrics.stats import IterationStats, RequestStats
 
 
 class ChoiceDelta:
@@ -84,7 +85,8 @@ class RequestState:
     """The frontend's side of one engine request (one choice of an HTTP request)."""
 
     __slots__ = ("request_id", "index", "collector", "detokenizer", "stop_matcher",
-                 "hide_stop_token", "num_output_tokens")
+                 "hide_stop_token", "num_output_tokens", "stats")
+    stats: RequestStats  # set by OutputProcessor.add, from the engine request
 
     def __init__(self, request_id: str, index: int, collector: RequestOutputCollector,
                  detokenizer: IncrementalDetokenizer, stop_matcher: StopStringMatcher | None,
@@ -97,10 +99,11 @@ class RequestState:
         self.hide_stop_token = not include_stop_str_in_output
         self.num_output_tokens = 0
 
-    def process(self, output: EngineCoreOutput) -> tuple[bool, bool]:
+    def process(self, output: EngineCoreOutput, iteration: IterationStats) -> tuple[bool, bool]:
         """Deliver one engine output; return (finished, stopped by a stop string)."""
         token_ids = output.new_token_ids
         self.num_output_tokens += len(token_ids)
+        iteration.update_from_output(self.stats, len(token_ids), output.scheduled_time)
         finish = output.finish_reason
         # As in vLLM, the EOS / stop token that ended the request is not part of its text.
         text_ids = token_ids[:-1] if finish is FinishReason.STOP and self.hide_stop_token else token_ids
@@ -115,9 +118,12 @@ class RequestState:
         error = APIError(400, output.error or "the engine rejected the request") if finish is FinishReason.ERROR else None
         self.collector.put(self.index, ChoiceDelta(text, token_ids, output.new_logprobs, output.prompt_logprobs,
                                                    finish_reason, stop_reason, error, self.num_output_tokens))
+        if finish_reason is not None:
+            iteration.finish(self.stats, finish_reason)
         return finish_reason is not None, stopped
 
-    def fail(self, error: APIError) -> None:
+    def fail(self, error: APIError, iteration: IterationStats) -> None:
+        iteration.finish(self.stats, "error")
         self.collector.put(self.index, ChoiceDelta("", [], None, None, "error", None, error, self.num_output_tokens))
 
 
@@ -127,14 +133,21 @@ class OutputProcessor:
     def __init__(self) -> None:
         self.requests: dict[str, RequestState] = {}
 
-    def add(self, state: RequestState) -> None:
+    def add(self, state: RequestState, request: EngineCoreRequest) -> None:
+        state.stats = RequestStats(request.arrival_time, len(request.prompt_token_ids))
         self.requests[state.request_id] = state
 
-    def remove(self, request_ids: list[str]) -> list[str]:
-        """Forget requests; return those that were still in flight."""
-        return [rid for rid in request_ids if self.requests.pop(rid, None) is not None]
+    def abort(self, request_ids: list[str], iteration: IterationStats) -> list[str]:
+        """Forget requests; return those that were still in flight (finished as aborted)."""
+        in_flight = []
+        for request_id in request_ids:
+            state = self.requests.pop(request_id, None)
+            if state is not None:
+                iteration.finish(state.stats, "abort")
+                in_flight.append(request_id)
+        return in_flight
 
-    def process(self, outputs: list[EngineCoreOutput]) -> list[str]:
+    def process(self, outputs: list[EngineCoreOutput], iteration: IterationStats) -> list[str]:
         """Deliver one step's outputs; return the requests that stop strings finished, which
         the engine is still running and must abort."""
         to_abort = []
@@ -142,14 +155,14 @@ class OutputProcessor:
             state = self.requests.get(output.request_id)
             if state is None:  # aborted here already; the engine had not heard yet
                 continue
-            finished, stopped = state.process(output)
+            finished, stopped = state.process(output, iteration)
             if finished:
                 del self.requests[output.request_id]
             if stopped:
                 to_abort.append(output.request_id)
         return to_abort
 
-    def fail_all(self, error: APIError) -> None:
+    def fail_all(self, error: APIError, iteration: IterationStats) -> None:
         for state in self.requests.values():
-            state.fail(error)
+            state.fail(error, iteration)
         self.requests.clear()

@@ -16,7 +16,7 @@ from aiohttp import web
 from engine_core.protocol import EngineCoreRequest, EngineReady, Logprobs, SamplingParams
 from frontend.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from frontend.engine_client import EngineClient
-from frontend.errors import APIError, from_decode_error, invalid_param
+from frontend.errors import APIError, from_decode_error, invalid_param, overloaded
 from frontend.openai_protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob, Usage
 from frontend.output_processor import ChoiceDelta, RequestOutputCollector, RequestState
 from frontend.tokenizer import ModelTokenizer
@@ -29,6 +29,27 @@ SSE_DONE = b"data: [DONE]\n\n"
 _json = msgspec.json.Encoder()
 
 
+class AdmissionLimit:
+    """Bounds the engine requests admitted but not finished (choices of HTTP requests still
+    being served). Past the bound a new request gets 503 at once: overload then costs clients
+    a retry, instead of a queue, its memory and everyone's latency growing without bound.
+    Requests already admitted are never touched."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.admitted = 0
+
+    def acquire(self, num_requests: int) -> None:
+        # A request with more choices than the whole bound still runs when nothing else does;
+        # otherwise it could never be served.
+        if self.admitted and self.admitted + num_requests > self.limit:
+            raise overloaded(self.limit)
+        self.admitted += num_requests
+
+    def release(self, num_requests: int) -> None:
+        self.admitted -= num_requests
+
+
 @dataclass(frozen=True)
 class ServerState:
     client: EngineClient
@@ -36,6 +57,7 @@ class ServerState:
     ready: EngineReady
     model_names: list[str]  # the first is the name responses carry by default
     api_key: str | None
+    admission: AdmissionLimit
 
     def check_model(self, model: str | None) -> str:
         if model is None:
@@ -86,7 +108,8 @@ def child_params(params: SamplingParams, index: int) -> SamplingParams:
 
 
 class Generation:
-    """The engine requests behind one HTTP request, one per choice, sharing one collector."""
+    """The engine requests behind one HTTP request, one per choice, sharing one collector.
+    Admitted (or refused with 503) on creation; its handler must `close()` it."""
 
     def __init__(self, state: ServerState, request_id: str, prompts: list[list[int]],
                  params: list[SamplingParams], stop: list[str], include_stop_str_in_output: bool,
@@ -95,15 +118,23 @@ class Generation:
         self.client = state.client
         self.collector = RequestOutputCollector()
         self.unfinished: dict[int, str] = {}  # choice index -> engine request id
-        arrival = time.time()
-        for index, (prompt, choice_params) in enumerate(zip(prompts, params)):
-            child_id = f"{request_id}-{index}"
-            detokenizer = IncrementalDetokenizer(state.tokenizer.fast, prompt, skip_special_tokens)
-            matcher = StopStringMatcher(stop, include_stop_str_in_output) if stop else None
-            request_state = RequestState(child_id, index, self.collector, detokenizer, matcher,
-                                         include_stop_str_in_output)
-            self.unfinished[index] = child_id
-            self.client.add_request(EngineCoreRequest(child_id, prompt, choice_params, arrival), request_state)
+        self.admission = state.admission
+        self.admission.acquire(len(prompts))
+        self.num_admitted = len(prompts)
+        try:
+            arrival = time.time()
+            for index, (prompt, choice_params) in enumerate(zip(prompts, params)):
+                child_id = f"{request_id}-{index}"
+                detokenizer = IncrementalDetokenizer(state.tokenizer.fast, prompt, skip_special_tokens)
+                matcher = StopStringMatcher(stop, include_stop_str_in_output) if stop else None
+                request_state = RequestState(child_id, index, self.collector, detokenizer, matcher,
+                                             include_stop_str_in_output)
+                self.unfinished[index] = child_id
+                self.client.add_request(EngineCoreRequest(child_id, prompt, choice_params, arrival),
+                                        request_state)
+        except BaseException:  # the engine died mid-way: the handler never gets to close()
+            self.close()
+            raise
 
     @property
     def done(self) -> bool:
@@ -130,10 +161,13 @@ class Generation:
         return total
 
     def close(self) -> None:
-        """Abort what is still running: the client went away or the response failed."""
+        """Abort what is still running (the client went away or the response failed) and
+        leave the admitted set; idempotent."""
         if self.unfinished:
             self.client.abort(list(self.unfinished.values()))
             self.unfinished.clear()
+        self.admission.release(self.num_admitted)
+        self.num_admitted = 0
 
 
 def usage(num_prompt_tokens: int, num_output_tokens: int) -> Usage:

@@ -1,0 +1,51 @@
+"""The periodic log line, as vLLM's: throughput over the last interval and the engine's state."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from metrics.stats import IterationStats, SchedulerStatsLike
+
+logger = logging.getLogger("octavo.stats")
+
+DEFAULT_INTERVAL_S = 10.0  # vLLM's default; OCTAVO_LOG_STATS_INTERVAL overrides it
+
+
+class LoggingStatLogger:
+    def __init__(self) -> None:
+        self._last_log = time.monotonic()
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._prefix_queries = 0
+        self._prefix_hits = 0
+        self._running = self._waiting = 0
+        self._kv_cache_usage = 0.0
+        self._prefix_hit_rate = 0.0  # of the last interval with lookups
+        self._was_busy = False
+
+    def record(self, scheduler_stats: SchedulerStatsLike | None, iteration: IterationStats) -> None:
+        self._prompt_tokens += iteration.num_prompt_tokens
+        self._generation_tokens += iteration.num_generation_tokens
+        if scheduler_stats is not None:
+            self._running = scheduler_stats.num_running_reqs
+            self._waiting = scheduler_stats.num_waiting_reqs
+            self._kv_cache_usage = scheduler_stats.kv_cache_usage
+            self._prefix_queries += scheduler_stats.prefix_cache_queries
+            self._prefix_hits += scheduler_stats.prefix_cache_hits
+
+    def log(self) -> None:
+        now = time.monotonic()
+        elapsed = max(now - self._last_log, 1e-9)
+        if self._prefix_queries:
+            self._prefix_hit_rate = self._prefix_hits / self._prefix_queries
+        busy = bool(self._prompt_tokens or self._generation_tokens or self._running or self._waiting)
+        # An idle server logs once, the interval it went idle, then stays quiet at INFO.
+        level = logging.INFO if busy or self._was_busy else logging.DEBUG
+        logger.log(level, "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
+                   "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
+                   self._prompt_tokens / elapsed, self._generation_tokens / elapsed, self._running,
+                   self._waiting, self._kv_cache_usage * 100, self._prefix_hit_rate * 100)
+        self._was_busy = busy
+        self._last_log = now
+        self._prompt_tokens = self._generation_tokens = self._prefix_queries = self._prefix_hits = 0
