@@ -114,7 +114,9 @@ class LLM:
                 result.token_ids.extend(out.new_token_ids)
                 result.num_cached_tokens = out.num_cached_tokens
                 if out.new_logprobs is not None:
-                    result.logprobs = (result.logprobs or []) + _logprob_dicts(out.new_logprobs)
+                    if result.logprobs is None:
+                        result.logprobs = []
+                    result.logprobs.extend(_logprob_dicts(out.new_logprobs))
                 if out.prompt_logprobs is not None:
                     result.prompt_logprobs = _logprob_dicts(out.prompt_logprobs)
                 if out.finished:
