@@ -99,10 +99,6 @@ class ModelRunner:
             if block_ids:
                 batch.append_blocks(row, block_ids)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        self.launch(scheduler_output)
-        return self.collect()
-
     @torch.inference_mode()
     def launch(self, scheduler_output: SchedulerOutput) -> None:
         """Enqueue the step's forward and sampling on the device without waiting for them;
