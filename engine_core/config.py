@@ -16,12 +16,60 @@ DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in float32
 
 
-class SpeculativeConfig(msgspec.Struct, omit_defaults=True):
-    method: str  # "ngram" or "draft_model"
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+MAX_SPECULATIVE_TOKENS = 16
+
+
+class SpeculativeConfig(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """`--speculative-config`, with vLLM's keys. Drafts are proposed after each step and
+    verified by the target model as extra query tokens of the next one."""
+
+    method: str  # "ngram" (prompt lookup) or "draft_model" (a smaller model, same tokenizer)
     num_speculative_tokens: int
-    prompt_lookup_min: int = 1
-    prompt_lookup_max: int = 4
-    model: str | None = None
+    prompt_lookup_min: int = 1  # ngram: the shortest suffix n-gram looked up
+    prompt_lookup_max: int = 4  # ngram: the longest, tried first
+    model: str | None = None  # draft_model: its checkpoint directory
+    # Steps with more running requests than this propose no drafts: at large batches the
+    # step is bound by compute rather than by reading the weights, and verifying drafts that
+    # may be rejected costs more than it saves. None: always speculate.
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_arg(self.method in SPECULATIVE_METHODS, "speculative_config.method", self.method,
+                  f"one of {SPECULATIVE_METHODS}")
+        check_arg(1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS,
+                  "speculative_config.num_speculative_tokens", self.num_speculative_tokens,
+                  f"in [1, {MAX_SPECULATIVE_TOKENS}]")
+        check_arg(1 <= self.prompt_lookup_min, "speculative_config.prompt_lookup_min",
+                  self.prompt_lookup_min, ">= 1")
+        check_arg(self.prompt_lookup_min <= self.prompt_lookup_max, "speculative_config.prompt_lookup_max",
+                  self.prompt_lookup_max, f">= prompt_lookup_min ({self.prompt_lookup_min})")
+        if self.method == "draft_model":
+            check_arg(bool(self.model), "speculative_config.model", self.model,
+                      "the draft model's path with method 'draft_model'")
+        if self.disable_by_batch_size is not None:
+            check_arg(self.disable_by_batch_size >= 1, "speculative_config.disable_by_batch_size",
+                      self.disable_by_batch_size, ">= 1")
+
+    @staticmethod
+    def parse(value: str | dict | SpeculativeConfig) -> SpeculativeConfig:
+        """From vLLM's JSON (`--speculative-config`) or a dict (`LLM(speculative_config=...)`)."""
+        if isinstance(value, SpeculativeConfig):
+            return value
+        try:
+            if isinstance(value, str):
+                return msgspec.json.decode(value, type=SpeculativeConfig)
+            return msgspec.convert(value, SpeculativeConfig)
+        except msgspec.ValidationError as e:
+            raise ValueError(f"speculative_config: {e}") from None
+        except msgspec.DecodeError as e:
+            raise ValueError(f"speculative_config must be a JSON object, got {value!r}: {e}") from None
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """KV slots a request reserves past its scheduled tokens. The draft model writes its
+        own KV for the tokens it proposes, up to k positions past the step's last token."""
+        return self.num_speculative_tokens if self.method == "draft_model" else 0
 
 
 class EngineConfig(msgspec.Struct, omit_defaults=True):
@@ -40,6 +88,7 @@ class EngineConfig(msgspec.Struct, omit_defaults=True):
     enforce_eager: bool = False  # True: no CUDA graphs (GPU only; the CPU always runs eagerly)
     # Schedule step N+1 while the device runs step N. None: on for CUDA, off on the CPU (whose
     # cores run both, so overlap gains nothing there and a late stop costs a wasted decode).
+    # Off with speculative decoding, whose drafts come from the tokens of the step before.
     async_scheduling: bool | None = None
     speculative_config: SpeculativeConfig | None = None
 
@@ -56,3 +105,6 @@ class EngineConfig(msgspec.Struct, omit_defaults=True):
         check_arg(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
                self.gpu_memory_utilization, "(0, 1]")
         check_arg(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
+        if self.speculative_config is not None:
+            check_arg(not self.async_scheduling, "async_scheduling", self.async_scheduling,
+                      "off (None or False) with speculative decoding")

@@ -39,7 +39,7 @@ class EngineCore:
         self.kv_cache_manager = KVCacheManager(info.num_kv_blocks, config.block_size,
                                                config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_batched_tokens,
-                                   config.max_num_seqs, self.max_model_len)
+                                   config.max_num_seqs, self.max_model_len, config.speculative_config)
         self.ready = EngineReady(
             model_path=info.model_path,
             max_model_len=self.max_model_len,
@@ -56,7 +56,7 @@ class EngineCore:
         self.rejected: list[EngineCoreOutput] = []
         async_scheduling = config.async_scheduling
         if async_scheduling is None:
-            async_scheduling = info.device.startswith("cuda")
+            async_scheduling = info.device.startswith("cuda") and config.speculative_config is None
         # Steps launched on the device and not yet collected, oldest first.
         self.in_flight: deque[SchedulerOutput] = deque()
         self.max_in_flight = 2 if async_scheduling else 1

@@ -57,15 +57,18 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: list[KVCacheBlock] | None = None) -> list[KVCacheBlock] | None:
+                       new_computed_blocks: list[KVCacheBlock] | None = None,
+                       num_lookahead_tokens: int = 0) -> list[KVCacheBlock] | None:
         """Give the request blocks for `num_new_tokens` beyond its computed tokens (and beyond
-        `new_computed_blocks`, prefix hits it is about to take). Returns the blocks appended
-        to the request's table (hits first), or None, changing nothing, if the pool cannot
-        supply them."""
+        `new_computed_blocks`, prefix hits it is about to take), plus `num_lookahead_tokens`
+        slots after them (a draft model's KV of the tokens it proposes). Returns the blocks
+        appended to the request's table (hits first), or None, changing nothing, if the pool
+        cannot supply them."""
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
         num_hits = len(new_computed_blocks) if new_computed_blocks else 0
         num_computed = request.num_computed_tokens + num_hits * self.block_size
-        num_needed = -(-(num_computed + num_new_tokens) // self.block_size) - len(blocks) - num_hits
+        num_slots = num_computed + num_new_tokens + num_lookahead_tokens
+        num_needed = -(-num_slots // self.block_size) - len(blocks) - num_hits
         added: list[KVCacheBlock] = []
         if num_hits:
             # Idle cached hits sit in the free list: taking them shrinks what is left to allocate.

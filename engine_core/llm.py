@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from engine_core.config import EngineConfig
+from engine_core.config import EngineConfig, SpeculativeConfig
 from engine_core.engine import EngineCore
 from engine_core.protocol import EngineCoreRequest, Logprobs, SamplingParams, now
 
@@ -44,6 +44,8 @@ def _logprob_dicts(lp: Logprobs) -> list[dict[int, float]]:
 
 class LLM:
     def __init__(self, model: str | None = None, **engine_args) -> None:
+        if engine_args.get("speculative_config") is not None:
+            engine_args["speculative_config"] = SpeculativeConfig.parse(engine_args["speculative_config"])
         self.config = EngineConfig(model=model, **engine_args)
         self.engine = EngineCore(self.config)
         # A checkpoint without tokenizer files (e.g. a test's random model) takes token ids only.

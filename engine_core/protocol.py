@@ -228,11 +228,18 @@ class SchedulerOutput(msgspec.Struct, **_STRUCT):
     cached_requests: CachedRequestData = msgspec.field(default_factory=CachedRequestData)
     # Requests the workers must forget: finished, aborted, or preempted since the last step.
     finished_request_ids: list[str] = []
+    # Speculative decoding: each request's draft tokens, scheduled right after its last known
+    # token (its num_scheduled_tokens count them), and whether to propose drafts after this step.
+    scheduled_spec_token_ids: dict[str, list[int]] = {}
+    propose_drafts: bool = False
 
 
 class ModelRunnerOutput(msgspec.Struct, **_STRUCT):
-    # Requests that sampled this step (those whose prefill is complete), in batch order.
+    # Requests that sampled this step (those whose prefill is complete), in batch order; each
+    # gets its accepted draft tokens and one more (a single token without drafts).
     request_ids: list[str]
     sampled_token_ids: list[list[int]]
+    # Drafts proposed for each request's next step (speculative decoding).
+    draft_token_ids: dict[str, list[int]] = {}
     logprobs: dict[str, Logprobs] = {}
     prompt_logprobs: dict[str, Logprobs] = {}  # chunks of prompt logprobs computed this step

@@ -34,6 +34,8 @@ class Request:
         self.num_computed_tokens: int = 0
         # Tokens being sampled by a step still on the GPU: scheduled past, not yet known.
         self.num_output_placeholders: int = 0
+        # Draft tokens proposed for the next step (speculative decoding), not yet verified.
+        self.spec_token_ids: list[int] = []
         self.num_cached_tokens: int = -1  # prefix-cache hit of the first scheduling; -1: not yet
         self.scheduled_time: float = 0.0  # wall clock of the first scheduling
         self.status: RequestStatus = RequestStatus.WAITING

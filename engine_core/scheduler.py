@@ -9,12 +9,19 @@ Steps are pipelined: the next step is scheduled while the GPU still samples this
 A request whose token is in flight counts it as a placeholder (`num_output_placeholders`),
 so it is scheduled its next decode before the token is known; the model runner feeds the
 token to it on the GPU. A stop found when the token arrives wastes that one extra decode.
+
+Speculative decoding (steps are not pipelined then): a request's draft tokens, proposed by the
+workers after the step that sampled its last token, are scheduled as extra query tokens right
+after it. The step verifies them and returns the accepted ones plus one more token; the KV
+written for the rejected ones is stale, so `num_computed_tokens` rolls back over them and the
+next step overwrites it.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
+from engine_core.config import SpeculativeConfig
 from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.protocol import (
     CachedRequestData,
@@ -33,11 +40,16 @@ from engine_core.request import Request, RequestStatus
 
 class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_batched_tokens: int,
-                 max_num_seqs: int, max_model_len: int) -> None:
+                 max_num_seqs: int, max_model_len: int,
+                 speculative_config: SpeculativeConfig | None = None) -> None:
         self.kv_cache_manager = kv_cache_manager
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
+        self.speculative_config = speculative_config
+        self.num_lookahead_tokens = speculative_config.num_lookahead_tokens if speculative_config else 0
+        num_spec_tokens = speculative_config.num_speculative_tokens if speculative_config else 0
+        self.spec_stats = SpecDecodingStats(num_spec_tokens)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -76,23 +88,38 @@ class Scheduler:
 
     # ---- the step ----
 
+    def _speculate(self) -> bool:
+        """Whether this step verifies drafts and the workers propose new ones after it."""
+        spec = self.speculative_config
+        return spec is not None and (spec.disable_by_batch_size is None
+                                     or len(self.running) <= spec.disable_by_batch_size)
+
+    def _num_lookahead(self, num_computed: int, num_new: int) -> int:
+        return max(0, min(self.num_lookahead_tokens, self.max_model_len - num_computed - num_new))
+
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
+        scheduled_spec: dict[str, list[int]] = {}
         cached = CachedRequestData()
         new_requests: list[NewRequestData] = []
         kv = self.kv_cache_manager
         preempted = False
+        speculate = self._speculate()
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens,
-                          budget)
+            if not speculate:
+                request.spec_token_ids = []
+            num_known = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
+            num_new = min(num_known + len(request.spec_token_ids), budget)
             if num_new <= 0 or self._reached_length(request):
                 i += 1  # its last token is in flight; it finishes when that arrives
                 continue
-            while (new_blocks := kv.allocate_slots(request, num_new)) is None:
+            while (new_blocks := kv.allocate_slots(request, num_new, None,
+                                                   self._num_lookahead(request.num_computed_tokens,
+                                                                       num_new))) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
@@ -101,6 +128,11 @@ class Scheduler:
             else:
                 num_scheduled[request.request_id] = num_new
                 budget -= num_new
+                if request.spec_token_ids:
+                    # The budget may cut the drafts short; those left out are dropped.
+                    del request.spec_token_ids[max(num_new - num_known, 0):]
+                    if request.spec_token_ids:
+                        scheduled_spec[request.request_id] = request.spec_token_ids
                 cached.request_ids.append(request.request_id)
                 cached.new_block_ids.append([b.block_id for b in new_blocks])
                 cached.num_computed_tokens.append(request.num_computed_tokens)
@@ -115,7 +147,7 @@ class Scheduler:
                 break  # preempted with a token in flight: it resumes once the token is known
             hits, num_hit_tokens = kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
-            if kv.allocate_slots(request, num_new, hits) is None:
+            if kv.allocate_slots(request, num_new, hits, self._num_lookahead(num_hit_tokens, num_new)) is None:
                 break
             self.waiting.popleft()
             request.num_computed_tokens = num_hit_tokens
@@ -141,14 +173,17 @@ class Scheduler:
             new_requests=new_requests,
             cached_requests=cached,
             finished_request_ids=self.finished_request_ids,
+            scheduled_spec_token_ids=scheduled_spec,
+            propose_drafts=speculate,
         )
         self.finished_request_ids = []
         # The tokens are as good as computed: the next step schedules from there. A request
-        # that catches up samples a token this step.
+        # that catches up (drafts included) samples this step.
         for request_id, n in num_scheduled.items():
             request = self.requests[request_id]
             request.num_computed_tokens += n
-            if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+            if request.num_computed_tokens == (request.num_tokens + request.num_output_placeholders
+                                               + len(request.spec_token_ids)):
                 request.num_output_placeholders += 1
         return output
 
@@ -165,6 +200,7 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.prompt_logprobs = []  # recomputed with the prompt
         self.waiting.appendleft(request)
         # The workers forget it and get it back whole, as a new request, when it resumes.
@@ -185,7 +221,15 @@ class Scheduler:
             if request is None:
                 continue  # finished or aborted while the step ran
             request.num_output_placeholders -= 1
+            num_drafts = len(scheduler_output.scheduled_spec_token_ids.get(request_id, ()))
+            if num_drafts:
+                num_accepted = len(token_ids) - 1
+                request.num_computed_tokens -= num_drafts - num_accepted
+                request.spec_token_ids = []
+                self.spec_stats.observe(num_drafts, num_accepted)
             new_token_ids = self._append_and_check_stop(request, token_ids)
+            if not request.is_finished and request_id in runner_output.draft_token_ids:
+                request.spec_token_ids = self._trim_drafts(request, runner_output.draft_token_ids[request_id])
             outputs.append(EngineCoreOutput(
                 request_id=request_id,
                 new_token_ids=new_token_ids,
@@ -204,6 +248,15 @@ class Scheduler:
                     self.waiting.remove(request)
                 self._free(request)
         return outputs
+
+    def _trim_drafts(self, request: Request, draft_token_ids: list[int]) -> list[int]:
+        """Drafts that could all be accepted within max_tokens and max_model_len: verifying k
+        drafts yields up to k + 1 tokens."""
+        max_tokens = request.sampling_params.max_tokens
+        room = self.max_model_len - request.num_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - request.num_output_tokens)
+        return draft_token_ids[:max(room - 1, 0)]
 
     def _append_and_check_stop(self, request: Request, token_ids: list[int]) -> list[int]:
         params = request.sampling_params
@@ -234,6 +287,7 @@ class Scheduler:
         )
         kv.prefix_cache_queries = kv.prefix_cache_hits = 0
         self.num_preemptions = 0
+        self.spec_stats.drain_into(stats)
         return stats
 
     def make_outputs(self, outputs: list[EngineCoreOutput], num_batched_tokens: int) -> EngineCoreOutputs:
@@ -250,3 +304,33 @@ def _merge_logprobs(chunks: list[Logprobs]) -> Logprobs:
         logprobs=[row for c in chunks for row in c.logprobs],
         ranks=[r for c in chunks for r in c.ranks],
     )
+
+
+class SpecDecodingStats:
+    """Speculative decoding's counters since the last stats."""
+
+    def __init__(self, num_spec_tokens: int) -> None:
+        self.num_spec_tokens = num_spec_tokens
+        self._reset()
+
+    def _reset(self) -> None:
+        self.num_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.num_accepted_tokens_per_pos = [0] * self.num_spec_tokens
+
+    def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        for pos in range(num_accepted):
+            self.num_accepted_tokens_per_pos[pos] += 1
+
+    def drain_into(self, stats: SchedulerStats) -> None:
+        if not self.num_drafts:
+            return
+        stats.spec_num_drafts = self.num_drafts
+        stats.spec_num_draft_tokens = self.num_draft_tokens
+        stats.spec_num_accepted_tokens = self.num_accepted_tokens
+        stats.spec_num_accepted_tokens_per_pos = self.num_accepted_tokens_per_pos
+        self._reset()

@@ -8,7 +8,7 @@ import os
 import re
 import sys
 
-from engine_core.config import DEVICES, DTYPES, EngineConfig
+from engine_core.config import DEVICES, DTYPES, EngineConfig, SpeculativeConfig
 
 # Enough for bursts; bounded so that overload answers 503 instead of queueing without end.
 DEFAULT_MAX_WAITING_REQUESTS = 1024
@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--seed", type=int, default=defaults.seed, help="random seed of the engine (default: %(default)s)")
     engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
                         help="GPUs to shard the model over (default: %(default)s)")
+    engine.add_argument("--speculative-config", default=None, metavar="JSON",
+                        help='speculative decoding, as vLLM\'s: {"method": "ngram", "num_speculative_tokens": 4, '
+                             '"prompt_lookup_min": 1, "prompt_lookup_max": 4} or {"method": "draft_model", '
+                             '"model": PATH, "num_speculative_tokens": 4}; optional "disable_by_batch_size": N')
     return parser
 
 
@@ -87,7 +91,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching,
-        seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
+        seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+        speculative_config=SpeculativeConfig.parse(args.speculative_config) if args.speculative_config else None)
 
 
 def main(argv: list[str] | None = None) -> int:

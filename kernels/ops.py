@@ -63,3 +63,36 @@ def sample_gumbel(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
         from kernels.triton_sampling import sample_gumbel as triton_sample_gumbel
         return triton_sample_gumbel(logits, temperature, seeds)
     return reference.sample_gumbel(logits, temperature, seeds)
+
+
+def rejection_sample(draft_token_ids: torch.Tensor, cu_num_draft: torch.Tensor, target_probs: torch.Tensor,
+                     draft_probs: torch.Tensor | None, bonus_token_ids: torch.Tensor, is_greedy: torch.Tensor,
+                     seeds: torch.Tensor, max_num_draft: int) -> torch.Tensor:
+    """Speculative decoding's rejection sampler: the tokens each request emits, [B, max_num_draft + 1]
+    int64 (accepted drafts, then the recovered or bonus token, then -1); see
+    kernels.reference.rejection_sample for the semantics.
+
+    draft_token_ids [T] int64: every request's drafts, concatenated; cu_num_draft [B + 1] int32:
+    request b's are draft_token_ids[cu[b]:cu[b + 1]], at most max_num_draft of them (0 allowed);
+    target_probs [T, V] float32: the target's distribution at each draft; draft_probs [T, V]
+    float32, the distribution each draft was drawn from, or None for deterministic drafts;
+    bonus_token_ids [B] int64: the target's token after the last draft; is_greedy [B] bool;
+    seeds [B] int64: each request's random key."""
+    num_drafts, num_reqs = len(draft_token_ids), len(bonus_token_ids)
+    shapes = {"cu_num_draft": (cu_num_draft.shape, (num_reqs + 1,)),
+              "target_probs": (target_probs.shape[:1], (num_drafts,)),
+              "is_greedy": (is_greedy.shape, (num_reqs,)), "seeds": (seeds.shape, (num_reqs,))}
+    if draft_probs is not None:
+        shapes["draft_probs"] = (draft_probs.shape, target_probs.shape)
+    for name, (shape, expected) in shapes.items():
+        if tuple(shape) != tuple(expected):
+            raise ValueError(f"{name} has shape {tuple(shape)}, expected {tuple(expected)} "
+                             f"for {num_drafts} drafts of {num_reqs} requests")
+    if num_drafts and max_num_draft < 1:
+        raise ValueError(f"max_num_draft={max_num_draft} with {num_drafts} drafts")
+    if _use_triton(target_probs):
+        from kernels.triton_rejection import rejection_sample as triton_rejection_sample
+        return triton_rejection_sample(draft_token_ids, cu_num_draft, target_probs, draft_probs, bonus_token_ids,
+                                       is_greedy, seeds, max_num_draft)
+    return reference.rejection_sample(draft_token_ids, cu_num_draft, target_probs, draft_probs, bonus_token_ids,
+                                      is_greedy, seeds, max_num_draft)

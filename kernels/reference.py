@@ -134,3 +134,57 @@ def sample_gumbel(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
         noise = -torch.empty_like(x[row]).exponential_(generator=generator).log()
         tokens[row] = (x[row] / temperature[row] + noise).argmax()
     return tokens
+
+
+def rejection_sample(draft_token_ids: torch.Tensor, cu_num_draft: torch.Tensor, target_probs: torch.Tensor,
+                     draft_probs: torch.Tensor | None, bonus_token_ids: torch.Tensor, is_greedy: torch.Tensor,
+                     seeds: torch.Tensor, max_num_draft: int) -> torch.Tensor:
+    """Speculative decoding's rejection sampler (Leviathan et al., 2023); see
+    kernels.ops.rejection_sample for the shapes. Returns [B, max_num_draft + 1] int64.
+
+    Request b's drafts d_j are draft_token_ids[cu[b]:cu[b + 1]], with target rows p_j and
+    draft rows q_j (a point mass on d_j when draft_probs is None). A greedy request accepts
+    d_j while it is argmax(p_j) and otherwise emits that argmax. A sampled request accepts d_j
+    while u_j * q_j(d_j) <= p_j(d_j), u_j ~ U(0, 1), and at its first rejection emits a sample
+    of max(p_j - q_j, 0), renormalized (of p_j should that be all zero, which rounding alone
+    can cause): each emitted token is then distributed as p_j. The row holds the accepted
+    drafts, then the recovered token, or the bonus token when every draft was accepted, then
+    -1. A request's randomness comes from a generator seeded with its seed alone, so its row
+    does not depend on its batch. The Triton kernel draws from Philox instead (see
+    kernels.triton_rejection): the two agree exactly on greedy requests and in distribution
+    on the others."""
+    out = torch.full((len(bonus_token_ids), max_num_draft + 1), -1, dtype=torch.int64, device=target_probs.device)
+    cu = cu_num_draft.tolist()
+    for req, greedy in enumerate(is_greedy.tolist()):
+        start, end = cu[req], cu[req + 1]
+        if end - start > max_num_draft:
+            raise ValueError(f"request {req} has {end - start} drafts, more than max_num_draft={max_num_draft}")
+        drafts, p = draft_token_ids[start:end], target_probs[start:end]
+        p_draft = p.gather(1, drafts[:, None])[:, 0]
+        if greedy:
+            target_tokens = p.argmax(dim=-1)
+            accepted = drafts == target_tokens
+        else:
+            generator = torch.Generator(device=p.device).manual_seed(int(seeds[req]))
+            u = torch.rand(end - start, generator=generator, device=p.device)
+            q_draft = 1.0 if draft_probs is None else draft_probs[start:end].gather(1, drafts[:, None])[:, 0]
+            accepted = u * q_draft <= p_draft
+        num_accepted = int(accepted.int().cumprod(0).sum())
+        out[req, :num_accepted] = drafts[:num_accepted]
+        if num_accepted == end - start:
+            out[req, num_accepted] = bonus_token_ids[req]
+        elif greedy:
+            out[req, num_accepted] = target_tokens[num_accepted]
+        else:
+            row = start + num_accepted
+            if draft_probs is None:
+                residual = p[num_accepted].clone()
+                residual[drafts[num_accepted]] = 0
+            else:
+                residual = (p[num_accepted] - draft_probs[row]).clamp_(min=0)
+            if not bool(residual.any()):
+                residual = p[num_accepted]
+            # Exponential race: argmax(w / E) with E ~ Exp(1) samples from w / sum(w).
+            noise = torch.empty_like(residual).exponential_(generator=generator)
+            out[req, num_accepted] = (residual / noise).argmax()
+    return out

@@ -40,6 +40,9 @@ class InputBatch:
         self.min_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_logprobs = np.full(max_num_reqs, _NO_LOGPROBS, dtype=np.int64)
         self.num_prompt_logprobs = np.full(max_num_reqs, _NO_LOGPROBS, dtype=np.int64)
+        # Rows whose sampling reads their own tokens or output count (penalties, logit bias,
+        # min_tokens): drafts would shift their distribution, so they never speculate.
+        self.no_spec = np.zeros(max_num_reqs, dtype=bool)
         # Sparse, rarely used parameters stay in dicts keyed by row.
         self.seeds: dict[int, int] = {}
         self.generators: dict[int, torch.Generator] = {}
@@ -68,6 +71,8 @@ class InputBatch:
         self.min_tokens[row] = p.min_tokens
         self.num_logprobs[row] = _NO_LOGPROBS if p.logprobs is None else p.logprobs
         self.num_prompt_logprobs[row] = _NO_LOGPROBS if p.prompt_logprobs is None else p.prompt_logprobs
+        self.no_spec[row] = bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+                                 or p.logit_bias or p.min_tokens)
         if p.seed is not None:
             self.seeds[row] = p.seed
             self.generators[row] = torch.Generator(device=self.device)

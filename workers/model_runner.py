@@ -3,11 +3,17 @@
 Per step: update the persistent batch from the scheduler's deltas, gather input ids,
 positions and attention metadata with vectorized numpy, run the model once over the mixed
 batch (prefill chunks and decodes together), and sample for requests whose prompt is done.
+
+With speculative decoding a request's draft tokens ride along as extra query tokens after its
+last token: the step computes logits at the last token and at every draft, samples each
+position, and the rejection sampler keeps the accepted drafts plus one token. After the step
+the proposer drafts the next tokens from what is now known.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +26,15 @@ from workers.attention import AttentionMetadata
 from workers.cuda_graphs import CudaGraphRunner
 from workers.input_batch import InputBatch
 from workers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs_rows
+from workers.spec_decode import DraftProposer, SpecLayout, emitted_per_row, verify_drafts
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) over 64 bits
+
+
+def _seed_key(seed: int, num_output: int) -> int:
+    """The random key of a seeded request's sample at one output position: its tokens then
+    depend neither on the batch around it nor on preemption."""
+    return (seed + num_output * _SEED_MIX) % (1 << 63)
 
 
 @dataclass
@@ -30,18 +43,24 @@ class PendingStep:
 
     request_ids: list[str]  # requests that sample, in batch order
     rows: np.ndarray  # their rows at launch
-    sampled_host: torch.Tensor | None  # pinned host copy of the sampled ids, filled asynchronously
+    # Pinned host copy of the sampled ids, filled asynchronously: [requests, 1 + max drafts],
+    # each row the request's new tokens padded with -1.
+    sampled_host: torch.Tensor | None
     ready: torch.cuda.Event | None  # recorded after that copy; None on the CPU
     sampler_output: SamplerOutput | None
     num_logprobs: list[int]  # per sampling request, -1 for none
     prompt_logprobs: dict[str, Logprobs]
+    propose_drafts: bool = False
+    spec_layout: SpecLayout | None = None  # with drafts verified this step
     written: bool = False  # sampled ids appended to the batch's host token ids
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], block_size: int,
                  max_num_reqs: int, max_model_len: int, vocab_size: int,
-                 eos_token_ids: list[int], device: torch.device, use_cuda_graphs: bool) -> None:
+                 eos_token_ids: list[int], device: torch.device, use_cuda_graphs: bool,
+                 num_speculative_tokens: int = 0,
+                 make_proposer: Callable[[InputBatch], DraftProposer] | None = None) -> None:
         self.model = model
         self.kv_caches = kv_caches
         for layer, kv_cache in zip(model.attention_layers(), kv_caches):
@@ -52,6 +71,8 @@ class ModelRunner:
         max_blocks_per_req = -(-max_model_len // block_size)
         self.batch = InputBatch(max_num_reqs, max_model_len, max_blocks_per_req, eos_token_ids, device)
         self.sampler = Sampler()
+        self.max_model_len = max_model_len
+        self.proposer = make_proposer(self.batch) if make_proposer is not None else None
         self.pending: deque[PendingStep] = deque()
         # The last launched step's sampled tokens (on the device) and each row's index in them.
         self.prev_sampled = torch.zeros(0, dtype=torch.long, device=device)
@@ -60,8 +81,11 @@ class ModelRunner:
         if device.type == "cuda":
             self.warm_up()
         if use_cuda_graphs and device.type == "cuda":
-            self.cuda_graphs = CudaGraphRunner(model, max_num_reqs, max_blocks_per_req, device)
+            self.cuda_graphs = CudaGraphRunner(model, max_num_reqs, max_blocks_per_req, device,
+                                               spec_query_len=1 + num_speculative_tokens)
             self.cuda_graphs.capture()
+            if self.proposer is not None:
+                self.proposer.capture_graphs()
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -79,10 +103,17 @@ class ModelRunner:
             )
             positions = torch.arange(tokens_per_req, device=self.device).repeat(num_reqs)
             hidden = self.model(torch.zeros_like(positions), positions, metadata)
+            if self.proposer is not None:
+                self.proposer.prepare(torch.zeros_like(positions), positions, metadata, tokens_per_req)
             logits = self.model.compute_logits(hidden[:num_reqs], float32=False)
             # Greedy and sampled rows, so the sampling kernel compiles now too.
             temperature = torch.tensor([0.0, 1.0] * num_reqs, device=self.device)[:num_reqs]
-            ops.sample_gumbel(logits, temperature, torch.arange(num_reqs, device=self.device))
+            keys = torch.arange(num_reqs, device=self.device)
+            sampled = ops.sample_gumbel(logits, temperature, keys)
+            if self.proposer is not None:
+                # One draft per request, verified by the rejection kernel.
+                ops.rejection_sample(sampled, torch.arange(num_reqs + 1, dtype=torch.int32, device=self.device),
+                                     logits.float().softmax(dim=-1), None, sampled, temperature == 0, keys, 1)
         torch.cuda.synchronize(self.device)
 
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
@@ -112,6 +143,7 @@ class ModelRunner:
         request_ids = list(scheduler_output.num_scheduled_tokens)
         rows = np.fromiter((batch.req_id_to_row[r] for r in request_ids), np.int64, len(request_ids))
         num_scheduled = np.fromiter(scheduler_output.num_scheduled_tokens.values(), np.int64, len(rows))
+        num_draft = self._place_drafts(scheduler_output.scheduled_spec_token_ids, request_ids, rows)
 
         # Token t of the step belongs to request req_index[t] at position positions[t].
         cu_num_tokens = np.cumsum(num_scheduled)
@@ -135,16 +167,19 @@ class ModelRunner:
             block_tables=to_device(batch.block_table[rows, :max_blocks]),
         )
         input_ids_device = to_device(input_ids)
-        # Positions past the host's known tokens hold tokens the previous step is sampling.
-        in_flight = np.flatnonzero(positions >= batch.num_tokens[req_index])
+        # Positions past the host's known tokens (and drafts) hold tokens the previous step is
+        # sampling.
+        in_flight = np.flatnonzero(positions >= batch.num_tokens[req_index] + np.repeat(num_draft, num_scheduled))
         if len(in_flight):
             source = self.prev_sampled_index[req_index[in_flight]]
             input_ids_device[to_device(in_flight)] = self.prev_sampled[to_device(source)]
-        if self.cuda_graphs is not None and num_scheduled.max() == 1 \
-                and self.cuda_graphs.can_run(len(rows)):
-            hidden = self.cuda_graphs.run(input_ids_device, to_device(positions), attn_metadata)
+        max_query_len = int(num_scheduled.max())
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(len(rows), max_query_len):
+            hidden = self.cuda_graphs.run(input_ids_device, to_device(positions), attn_metadata, max_query_len)
         else:
             hidden = self.model(input_ids_device, to_device(positions), attn_metadata)
+        if self.proposer is not None:
+            self.proposer.prepare(input_ids_device, to_device(positions), attn_metadata, max_query_len)
 
         # Requests whose computed tokens caught up with their tokens sample a new one; the
         # others were mid-prefill.
@@ -153,36 +188,99 @@ class ModelRunner:
                                                 cu_num_tokens, request_ids)
         sample_rows = rows[sampling]
         sample_ids = [request_ids[i] for i in np.flatnonzero(sampling)]
+        propose = scheduler_output.propose_drafts and self.proposer is not None
         if not len(sample_rows):
-            self.pending.append(PendingStep([], sample_rows, None, None, None, [], prompt_logprobs))
+            self.pending.append(PendingStep([], sample_rows, None, None, None, [], prompt_logprobs, propose))
             return
+        # Each sampling request samples after its last token and after each of its drafts.
+        layout = SpecLayout.build(num_draft[sampling]) if num_draft.any() else None
+        if layout is None:
+            logits_indices = cu_num_tokens[sampling] - 1
+            logits_rows, logits_seq_lens = sample_rows, seq_lens[sampling]
+        else:
+            logits_indices = np.repeat(cu_num_tokens[sampling] - layout.num_logits, layout.num_logits) \
+                + layout.index_in_request
+            logits_rows = np.repeat(sample_rows, layout.num_logits)
+            logits_seq_lens = np.repeat(seq_lens[sampling] - num_draft[sampling], layout.num_logits) \
+                + layout.index_in_request
         # Logits stay in the model's dtype: the fused sampling kernel reads them as they are.
-        logits = self.model.compute_logits(hidden[to_device(cu_num_tokens[sampling] - 1)], float32=False)
-        out = self.sampler(logits, self._sampling_metadata(sample_rows, seq_lens[sampling]))
+        logits = self.model.compute_logits(hidden[to_device(logits_indices)], float32=False)
+        metadata = self._sampling_metadata(logits_rows, logits_seq_lens)
+        out = self.sampler(logits, metadata)
+        if layout is None:
+            sampled = out.sampled_token_ids.unsqueeze(1)
+        else:
+            draft_token_ids = batch.token_ids[logits_rows[layout.draft_logits_index],
+                                              logits_seq_lens[layout.draft_logits_index]]
+            sampled = verify_drafts(logits, metadata, out.sampled_token_ids, layout, to_device(draft_token_ids),
+                                    self._request_keys(sample_rows, seq_lens[sampling]), to_device)
+            if out.logprobs is not None:
+                # Logprobs of the tokens emitted at each position, not of the sampler's draws.
+                ids, lps, ranks = compute_logprobs_rows(logits.float().log_softmax(dim=-1),
+                                                        emitted_per_row(sampled, layout, to_device),
+                                                        metadata.max_num_logprobs)
+                out = SamplerOutput(out.sampled_token_ids, ids, lps, ranks)
 
-        self.prev_sampled = out.sampled_token_ids
+        self.prev_sampled = sampled[:, 0]
         self.prev_sampled_index.fill(-1)
         self.prev_sampled_index[sample_rows] = np.arange(len(sample_rows))
-        sampled_host = torch.empty(len(sample_rows), dtype=torch.long, pin_memory=self.device.type == "cuda")
-        sampled_host.copy_(out.sampled_token_ids, non_blocking=True)
+        sampled_host = torch.empty(sampled.shape, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        sampled_host.copy_(sampled, non_blocking=True)
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
         self.pending.append(PendingStep(sample_ids, sample_rows, sampled_host, ready, out,
-                                        batch.num_logprobs[sample_rows].tolist(), prompt_logprobs))
+                                        batch.num_logprobs[sample_rows].tolist(), prompt_logprobs,
+                                        propose, layout))
+
+    def _place_drafts(self, spec_token_ids: dict[str, list[int]], request_ids: list[str],
+                      rows: np.ndarray) -> np.ndarray:
+        """Write each request's drafts after its known tokens, where the step's inputs are
+        gathered from; return the number of drafts per scheduled request."""
+        num_draft = np.zeros(len(rows), dtype=np.int64)
+        if not spec_token_ids:
+            return num_draft
+        batch = self.batch
+        for i, request_id in enumerate(request_ids):
+            drafts = spec_token_ids.get(request_id)
+            if drafts:
+                row, start = rows[i], batch.num_tokens[rows[i]]
+                batch.token_ids[row, start:start + len(drafts)] = drafts
+                num_draft[i] = len(drafts)
+        return num_draft
 
     def collect(self) -> ModelRunnerOutput:
         """The oldest launched step's result, waiting for the device if it is still running."""
         step = self.pending.popleft()
         self._write_back(step)
         sampled = step.sampled_host.tolist() if step.sampled_host is not None else []
+        if step.spec_layout is not None:
+            sampled = [row[:row.index(-1)] if -1 in row else row for row in sampled]
         return ModelRunnerOutput(
             request_ids=step.request_ids,
-            sampled_token_ids=[[t] for t in sampled],
-            logprobs=self._sampled_logprobs(step),
+            sampled_token_ids=sampled,
+            logprobs=self._sampled_logprobs(step, sampled),
             prompt_logprobs=step.prompt_logprobs,
+            draft_token_ids=self._propose(step) if step.propose_drafts else {},
         )
+
+    def _propose(self, step: PendingStep) -> dict[str, list[int]]:
+        """Drafts for the requests that sampled this step and are still in the batch. Rows
+        whose sampling reads their own tokens (penalties, logit bias, min_tokens) never
+        speculate: their distribution would shift with every draft before it."""
+        batch = self.batch
+        live = np.fromiter((batch.req_id_to_row.get(r, -1) == row for r, row in zip(step.request_ids, step.rows)),
+                           bool, len(step.rows))
+        rows = step.rows[live]
+        if not len(rows):
+            return {}
+        # k drafts yield up to k + 1 tokens, all within max_model_len.
+        max_num_draft = np.clip(self.max_model_len - batch.num_tokens[rows] - 1, 0, None)
+        max_num_draft[batch.no_spec[rows]] = 0
+        drafts, num_draft = self.proposer.propose(batch.token_ids, batch.num_tokens, rows, max_num_draft)
+        request_ids = [r for r, keep in zip(step.request_ids, live) if keep]
+        return {request_ids[i]: drafts[i, :num_draft[i]].tolist() for i in np.flatnonzero(num_draft)}
 
     def _write_back(self, step: PendingStep) -> None:
         """Append the step's sampled tokens to the host copy of each request's tokens (once;
@@ -196,8 +294,15 @@ class ModelRunner:
         live = np.fromiter((batch.req_id_to_row.get(r, -1) == row for r, row in zip(step.request_ids, step.rows)),
                            bool, len(step.rows))
         rows = step.rows[live]
-        batch.token_ids[rows, batch.num_tokens[rows]] = step.sampled_host.numpy()[live]
-        batch.num_tokens[rows] += 1
+        sampled = step.sampled_host.numpy()[live]
+        if sampled.shape[1] == 1:
+            batch.token_ids[rows, batch.num_tokens[rows]] = sampled[:, 0]
+            batch.num_tokens[rows] += 1
+            return
+        valid = sampled >= 0
+        positions = batch.num_tokens[rows, None] + np.arange(sampled.shape[1])
+        batch.token_ids[np.broadcast_to(rows[:, None], valid.shape)[valid], positions[valid]] = sampled[valid]
+        batch.num_tokens[rows] += valid.sum(axis=1)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
@@ -245,16 +350,18 @@ class ModelRunner:
         # One draw for every row's key; seeded rows' keys are overwritten below.
         seeds = torch.randint(0, (1 << 63) - 1, (len(rows),), dtype=torch.int64).numpy() if fused else None
         generators: dict[int, torch.Generator] = {}
-        for row, seed in b.seeds.items():
-            if row in row_of:
-                i = row_of[row]
-                key = (seed + int(num_output[i]) * _SEED_MIX) % (1 << 63)
-                if fused:
-                    seeds[i] = key
-                if not fused or needs_torch[i]:
-                    generator = b.generators[row]
-                    generator.manual_seed(key)
-                    generators[i] = generator
+        # A request verifying drafts has a row per position, each seeded by its own position.
+        for i in np.flatnonzero(np.isin(rows, list(b.seeds))) if b.seeds else ():
+            row = int(rows[i])
+            key = _seed_key(b.seeds[row], int(num_output[i]))
+            if fused:
+                seeds[i] = key
+            if not fused or needs_torch[i]:
+                # The sampler draws after all rows are seeded: a request's later rows need
+                # generators of their own.
+                generator = b.generators[row] if i == 0 or rows[i - 1] != row else torch.Generator(self.device)
+                generator.manual_seed(key)
+                generators[i] = generator
 
         def optional(values: list, dtype: torch.dtype) -> torch.Tensor | None:
             return torch.tensor(values, dtype=dtype, device=self.device) if values else None
@@ -296,15 +403,32 @@ class ModelRunner:
         prompt_mask.scatter_add_(1, tokens, (pos < num_prompt).float())
         return counts, prompt_mask > 0
 
-    def _sampled_logprobs(self, step: PendingStep) -> dict[str, Logprobs]:
+    def _request_keys(self, rows: np.ndarray, seq_lens: np.ndarray) -> torch.Tensor:
+        """A Philox key per request for the rejection sampler: from the seed and the output
+        position of its first draft for seeded requests, drawn afresh for the others."""
+        keys = torch.randint(0, (1 << 63) - 1, (len(rows),), dtype=torch.int64).numpy()
+        num_output = seq_lens - self.batch.num_prompt_tokens[rows]
+        for i in np.flatnonzero(np.isin(rows, list(self.batch.seeds))) if self.batch.seeds else ():
+            # Offset from the sampler's keys of the same positions, so the two draw apart.
+            keys[i] = _seed_key(self.batch.seeds[int(rows[i])] + 1, int(num_output[i]))
+        return self._to_device(keys)
+
+    def _sampled_logprobs(self, step: PendingStep, sampled: list[list[int]]) -> dict[str, Logprobs]:
+        """Each request's logprobs at each of its new tokens: rows of the sampler's output,
+        one per position sampled (several when drafts were verified)."""
         out = step.sampler_output
         if out is None or out.logprobs is None:
             return {}
         ids, lps, ranks = out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.ranks.tolist()
-        return {
-            request_id: Logprobs(token_ids=[ids[i][:1 + k]], logprobs=[lps[i][:1 + k]], ranks=[ranks[i]])
-            for i, (request_id, k) in enumerate(zip(step.request_ids, step.num_logprobs)) if k >= 0
-        }
+        starts = step.spec_layout.cu_num_logits if step.spec_layout is not None else range(len(sampled))
+        result = {}
+        for request_id, k, start, tokens in zip(step.request_ids, step.num_logprobs, starts, sampled):
+            if k >= 0:
+                end = start + len(tokens)
+                result[request_id] = Logprobs(token_ids=[row[:1 + k] for row in ids[start:end]],
+                                              logprobs=[row[:1 + k] for row in lps[start:end]],
+                                              ranks=ranks[start:end])
+        return result
 
     def _prompt_logprobs(self, hidden: torch.Tensor, rows: np.ndarray, num_computed: np.ndarray,
                          num_scheduled: np.ndarray, cu_num_tokens: np.ndarray,

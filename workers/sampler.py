@@ -120,10 +120,10 @@ class Sampler:
         return logits
 
     @staticmethod
-    def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        greedy = logits.argmax(dim=-1)
-        if md.all_greedy:
-            return greedy
+    def compute_probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """The distribution each row samples from, given its processed float32 logits: after
+        temperature, top-k, top-p and min-p. Greedy rows get their
+        softmax at temperature 1, whose argmax is theirs."""
         is_greedy = md.temperature < _GREEDY_EPS
         temperature = torch.where(is_greedy, torch.ones_like(md.temperature), md.temperature)
         logits = logits / temperature.unsqueeze(1)
@@ -133,6 +133,16 @@ class Sampler:
         if md.min_p is not None:
             threshold = probs.amax(dim=-1, keepdim=True) * md.min_p.unsqueeze(1)
             probs = probs.masked_fill(probs < threshold, 0.0)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        return probs
+
+    @staticmethod
+    def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        greedy = logits.argmax(dim=-1)
+        if md.all_greedy:
+            return greedy
+        is_greedy = md.temperature < _GREEDY_EPS
+        probs = Sampler.compute_probs(logits, md)
         # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p, and lets seeded rows
         # draw their own noise while the rest share one batched draw.
         noise = torch.empty_like(probs).exponential_()

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import torch
 from transformers import GenerationConfig
 
-from engine_core.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
+from engine_core.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig, SpeculativeConfig
+from workers.draft_model_proposer import DraftModelProposer
+from workers.input_batch import InputBatch
 from workers.model_loader import load_hf_config, load_model, resolve_dtype
 from workers.model_runner import ModelRunner
 from workers.model_source import resolve_model
+from workers.ngram_proposer import NgramProposer
+from workers.spec_decode import DraftProposer
 
 logger = logging.getLogger(__name__)
 
@@ -69,21 +74,52 @@ class Worker:
                              f"maximum context), got {config.max_model_len}")
         self.max_model_len = config.max_model_len or model_max_len
 
-        self.num_layers = len(self.model.attention_layers())
-        attn = self.model.attention_layers()[0]
-        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
-        self.num_kv_blocks = self._num_kv_blocks()
-        shape = (2, self.num_kv_blocks, config.block_size, self.num_kv_heads, self.head_dim)
-        kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.vocab_size = int(text_config.vocab_size)
+        spec = config.speculative_config
+        self.draft_model = self._load_draft_model(spec) if spec and spec.method == "draft_model" else None
+        # The draft model's KV blocks are the target's block ids in tensors of its own.
+        self.kv_models = [self.model] + ([self.draft_model] if self.draft_model is not None else [])
+        self.num_kv_blocks = self._num_kv_blocks()
+        kv_caches = [self._allocate_kv_caches(model) for model in self.kv_models]
         self.eos_token_ids = _eos_token_ids(self.model_dir, text_config)
-        self.model_runner = ModelRunner(self.model, kv_caches, config.block_size, config.max_num_seqs,
+        self.model_runner = ModelRunner(self.model, kv_caches[0], config.block_size, config.max_num_seqs,
                                         self.max_model_len, self.vocab_size, self.eos_token_ids,
-                                        self.device, use_cuda_graphs=not config.enforce_eager)
+                                        self.device, use_cuda_graphs=not config.enforce_eager,
+                                        num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
+                                        make_proposer=self._proposer_factory(spec, kv_caches[-1]))
+
+    def _load_draft_model(self, spec: SpeculativeConfig) -> torch.nn.Module:
+        draft_dir = resolve_model(spec.model)
+        draft_config = load_hf_config(draft_dir).get_text_config()
+        if draft_config.vocab_size > self.vocab_size:
+            raise ValueError(f"the draft model's vocab_size must be <= the target's ({self.vocab_size}): "
+                             f"it must share its tokenizer, got {draft_config.vocab_size}")
+        draft_max_len = getattr(draft_config, "max_position_embeddings", None)
+        if draft_max_len is not None and draft_max_len < self.max_model_len:
+            raise ValueError(f"the draft model's max_position_embeddings must be >= max_model_len "
+                             f"({self.max_model_len}), got {draft_max_len}")
+        return load_model(draft_dir, self.dtype, self.device)
+
+    def _proposer_factory(self, spec: SpeculativeConfig | None, draft_kv_caches: list[torch.Tensor]
+                          ) -> Callable[[InputBatch], DraftProposer] | None:
+        if spec is None:
+            return None
+        if spec.method == "ngram":
+            return lambda batch: NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max,
+                                               spec.num_speculative_tokens)
+        return lambda batch: DraftModelProposer(self.draft_model, draft_kv_caches, batch, self.config.block_size,
+                                                spec.num_speculative_tokens, self.device,
+                                                use_cuda_graphs=not self.config.enforce_eager)
+
+    def _allocate_kv_caches(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        layers = model.attention_layers()
+        shape = (2, self.num_kv_blocks, self.config.block_size, layers[0].num_kv_heads, layers[0].head_dim)
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers]
 
     def _block_bytes(self) -> int:
         element_size = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.config.block_size * self.num_kv_heads * self.head_dim * element_size
+        return sum(2 * len(layers) * self.config.block_size * layers[0].num_kv_heads * layers[0].head_dim
+                   * element_size for layers in (model.attention_layers() for model in self.kv_models))
 
     def _num_kv_blocks(self) -> int:
         config = self.config

@@ -1,0 +1,99 @@
+"""DraftModelProposer: drafts from a smaller model that shares the target's tokenizer.
+
+The draft model has its own paged KV cache tensors but shares the target's block tables and
+slot mapping: a block id means the same token positions in both caches, so the engine core
+manages one set of blocks. Two rules keep the draft's KV right:
+
+- `prepare` runs the draft over exactly the target's inputs of every step, so each position
+  the target computes, the draft computes with the same token (prompt chunks, accepted
+  drafts, and rejected ones, whose stale KV both overwrite later alike).
+- `propose` then decodes k tokens greedily from each request's last token. Those write KV up
+  to k positions past the step's tokens, which the scheduler reserves (`num_lookahead_tokens`),
+  and which the next step's `prepare` overwrites with the tokens actually kept.
+
+Greedy drafts are deterministic given the context, so the rejection sampler treats them as
+point masses and the target distribution is kept exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from workers.attention import AttentionMetadata
+from workers.cuda_graphs import CudaGraphRunner
+from workers.input_batch import InputBatch
+
+
+class DraftModelProposer:
+    def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], batch: InputBatch, block_size: int,
+                 num_speculative_tokens: int, device: torch.device, use_cuda_graphs: bool) -> None:
+        self.model = model
+        for layer, kv_cache in zip(model.attention_layers(), kv_caches):
+            layer.kv_cache = kv_cache
+        self.batch = batch
+        self.block_size = block_size
+        self.k = num_speculative_tokens
+        self.device = device
+        # The draft runs the target's step shapes and then k one-token decodes: both replay
+        # graphs like the target's, or a small draft would be bound by kernel launches.
+        self.cuda_graphs: CudaGraphRunner | None = None
+        if use_cuda_graphs and device.type == "cuda":
+            max_num_reqs, max_blocks_per_req = batch.block_table.shape
+            self.cuda_graphs = CudaGraphRunner(model, max_num_reqs, max_blocks_per_req, device,
+                                               spec_query_len=1 + num_speculative_tokens)
+
+    def capture_graphs(self) -> None:
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.capture()
+
+    @torch.inference_mode()
+    def prepare(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata,
+                max_query_len: int) -> None:
+        self._forward(input_ids, positions, attn_metadata, max_query_len)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata,
+                 max_query_len: int) -> torch.Tensor:
+        num_reqs = attn_metadata.seq_lens.shape[0]
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(num_reqs, max_query_len):
+            return self.cuda_graphs.run(input_ids, positions, attn_metadata, max_query_len)
+        return self.model(input_ids, positions, attn_metadata)
+
+    @torch.inference_mode()
+    def propose(self, token_ids: np.ndarray, num_tokens: np.ndarray, rows: np.ndarray,
+                max_num_draft: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        num_draft = np.minimum(max_num_draft, self.k)
+        drafts = torch.full((len(rows), self.k), -1, dtype=torch.long, device=self.device)
+        # Every request's last token, then its drafts one position at a time; a request leaves
+        # the batch once it has its drafts.
+        last = num_tokens[rows] - 1
+        input_ids = torch.from_numpy(token_ids[rows, last]).to(self.device)
+        for j in range(self.k):
+            active = np.flatnonzero(num_draft > j)
+            if not len(active):
+                break
+            active_device = torch.from_numpy(active).to(self.device)
+            positions = last[active] + j
+            hidden = self._forward(input_ids[active_device], torch.from_numpy(positions).to(self.device),
+                                   self._decode_metadata(rows[active], positions), 1)
+            next_ids = self.model.compute_logits(hidden).argmax(dim=-1)
+            drafts[active_device, j] = next_ids
+            input_ids[active_device] = next_ids
+        return drafts.cpu().numpy(), num_draft
+
+    def _decode_metadata(self, rows: np.ndarray, positions: np.ndarray) -> AttentionMetadata:
+        """One query token per row at `positions`, attending to everything before it."""
+        batch, bs = self.batch, self.block_size
+        slot_mapping = batch.block_table[rows, positions // bs].astype(np.int64) * bs + positions % bs
+        # As the model runner's: a block-table width rounded up to 16 keeps to compiled kernels.
+        width = min(-(-int(positions.max() // bs + 1) // 16) * 16, batch.block_table.shape[1])
+        def to_device(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+        return AttentionMetadata(
+            slot_mapping=to_device(slot_mapping),
+            query_start_loc=to_device(np.arange(len(rows) + 1, dtype=np.int32)),
+            seq_lens=to_device((positions + 1).astype(np.int32)),
+            block_tables=to_device(batch.block_table[rows, :width]),
+        )

@@ -1,0 +1,99 @@
+"""NgramProposer: draft tokens for speculative decoding by prompt lookup.
+
+Prompt lookup guesses that text repeats itself: when the last n tokens of a request already
+occurred earlier in its prompt or output, the tokens that followed that earlier occurrence
+are a good guess for what comes next (code edits, quoting, summarizing, structured output).
+The target model then verifies the guess in one forward pass. There is no draft model: a
+proposal is a substring search over token ids already on the host, so it costs a few numpy
+passes over the batch's rows and no GPU time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from workers.attention import AttentionMetadata
+
+_NO_TOKEN = -1  # pads the drafts of rows proposing fewer than k tokens
+
+
+class NgramProposer:
+    def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int, num_speculative_tokens: int) -> None:
+        if prompt_lookup_min < 1:
+            raise ValueError(f"prompt_lookup_min must be >= 1, got {prompt_lookup_min}")
+        if prompt_lookup_max < prompt_lookup_min:
+            raise ValueError(f"prompt_lookup_max must be in [prompt_lookup_min={prompt_lookup_min}, inf), "
+                             f"got {prompt_lookup_max}")
+        if num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        self.min_n = prompt_lookup_min
+        self.max_n = prompt_lookup_max
+        self.k = num_speculative_tokens
+
+    def prepare(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata,
+                max_query_len: int) -> None:
+        """Prompt lookup keeps no state beyond the batch's tokens."""
+
+    def capture_graphs(self) -> None:
+        """Prompt lookup runs on the host."""
+
+    def propose(self, token_ids: np.ndarray, num_tokens: np.ndarray, rows: np.ndarray,
+                max_num_draft: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """token_ids: [R, W] int64 (the batch's rows), num_tokens: [R] valid length of each row,
+        rows: [n] row indices to propose for, max_num_draft: [n] per-row cap in [0, k].
+        Returns (drafts [n, k] int64 padded with -1, num_draft [n] int64).
+
+        For n from prompt_lookup_max down to prompt_lookup_min, the first n whose suffix
+        t[L-n:L] occurs earlier (followed by at least one token) wins; the most recent such
+        occurrence gives the draft t[s+n : s+n+min(k, cap)], truncated at L."""
+        num_rows = len(rows)
+        drafts = np.full((num_rows, self.k), _NO_TOKEN, dtype=np.int64)
+        num_draft = np.zeros(num_rows, dtype=np.int64)
+        lengths = num_tokens[rows]
+        width = int(lengths.max()) if num_rows else 0
+        if width <= self.min_n:  # a match needs L >= n + 1 tokens
+            return drafts, num_draft
+        tokens = token_ids[rows, :width]
+        row_idx = np.arange(num_rows)
+
+        # Occurrences are indexed by their last position e = s + n - 1, so an n-gram match is
+        # an (n-1)-gram match whose token n - 1 places back also agrees: all sizes share one
+        # search. Only the last token is compared over the whole width; longer n-grams are
+        # checked on the surviving candidates alone, usually a handful per row.
+        flat_tokens = tokens.ravel()
+        last = tokens[row_idx, np.maximum(lengths - 1, 0)]
+        # Flat positions, sorted by (row, e); flatnonzero is several times faster than a 2-D nonzero.
+        cand = np.flatnonzero(tokens == last[:, None])
+        cand_row, cand_end = np.divmod(cand, width)
+        # The suffix itself does not count, a token must follow, and columns past a row's
+        # length are stale: e <= L - 2.
+        keep = cand_end < lengths[cand_row] - 1
+        best_end = np.full(num_rows, -1, dtype=np.int64)  # -1: no match
+        for n in range(1, min(self.max_n, width - 1) + 1):  # a match needs L >= n + 1
+            if n > 1:
+                suffix_token = tokens[row_idx, np.maximum(lengths - n, 0)]
+                # cand - (n - 1) may fall before its row (or wrap, within the array since
+                # n < width); those candidates are masked out by e >= n - 1.
+                keep = (cand_end >= n - 1) & (flat_tokens[cand - (n - 1)] == suffix_token[cand_row])
+            cand, cand_row, cand_end = cand[keep], cand_row[keep], cand_end[keep]  # stays sorted
+            if not len(cand):
+                break
+            if n >= self.min_n:
+                # A row's most recent occurrence is its last candidate.
+                is_last = np.append(cand_row[1:] != cand_row[:-1], True)
+                # Larger n overwrites smaller: the longest matching n-gram wins.
+                best_end[cand_row[is_last]] = cand_end[is_last]
+
+        found = best_end >= 0
+        start = best_end + 1
+        num_draft[found] = np.minimum(np.minimum(max_num_draft, self.k), lengths - start)[found]
+        offsets = np.arange(self.k)
+        in_draft = offsets < num_draft[:, None]
+        cols = np.minimum(start[:, None] + offsets, width - 1)
+        drafts[in_draft] = tokens[row_idx[:, None], cols][in_draft]
+        return drafts, num_draft
