@@ -72,15 +72,16 @@ def rejection_sample(draft_token_ids: torch.Tensor, cu_num_draft: torch.Tensor, 
     int64 (accepted drafts, then the recovered or bonus token, then -1); see
     kernels.reference.rejection_sample for the semantics.
 
-    draft_token_ids [T] int64: every request's drafts, concatenated; cu_num_draft [B + 1] int32:
-    request b's are draft_token_ids[cu[b]:cu[b + 1]], at most max_num_draft of them (0 allowed);
+    draft_token_ids [T] int64 in [0, V): every request's drafts, concatenated; cu_num_draft [B + 1]
+    int32: request b's are draft_token_ids[cu[b]:cu[b + 1]], at most max_num_draft of them (0
+    allowed; the kernel checks neither, as that would cost a sync);
     target_probs [T, V] float32: the target's distribution at each draft; draft_probs [T, V]
     float32, the distribution each draft was drawn from, or None for deterministic drafts;
     bonus_token_ids [B] int64: the target's token after the last draft; is_greedy [B] bool;
     seeds [B] int64: each request's random key."""
     num_drafts, num_reqs = len(draft_token_ids), len(bonus_token_ids)
     shapes = {"cu_num_draft": (cu_num_draft.shape, (num_reqs + 1,)),
-              "target_probs": (target_probs.shape[:1], (num_drafts,)),
+              "target_probs": (target_probs.shape, (num_drafts, target_probs.shape[-1])),
               "is_greedy": (is_greedy.shape, (num_reqs,)), "seeds": (seeds.shape, (num_reqs,))}
     if draft_probs is not None:
         shapes["draft_probs"] = (draft_probs.shape, target_probs.shape)

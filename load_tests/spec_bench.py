@@ -43,9 +43,9 @@ INSTRUCTIONS = [
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 
 
-def build_prompts(llm: LLM, num: int) -> list[list[int]]:
+def build_prompts(tokenizer, num: int) -> list[list[int]]:
     texts = [INSTRUCTIONS[i % len(INSTRUCTIONS)].format(PARAGRAPHS[i % len(PARAGRAPHS)]) for i in range(num)]
-    return [list(llm.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+    return [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                                    tokenize=True, return_dict=False)) for t in texts]
 
 
@@ -71,22 +71,24 @@ def run_engine(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tu
     return [tokens[k] for k in sorted(tokens, key=lambda k: int(k[1:].split("-")[0]))], seconds, counts
 
 
-def bench_engine(model: str | None, spec: dict | None, batch_sizes: list[int], rounds: int,
+def bench_engine(model: str | None, dtype: str, spec: dict | None, batch_sizes: list[int], rounds: int,
                  max_tokens: int, max_model_len: int) -> dict[int, dict]:
-    llm = LLM(model, max_num_seqs=max(batch_sizes), max_model_len=max_model_len, speculative_config=spec)
+    llm = LLM(model, dtype=dtype, max_num_seqs=max(batch_sizes), max_model_len=max_model_len,
+              speculative_config=spec)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    run_engine(llm, build_prompts(llm, 2), params)  # warm-up
+    run_engine(llm, build_prompts(llm.tokenizer, 2), params)  # warm-up
     results = {}
     for batch in batch_sizes:
         outputs, seconds, counts = [], 0.0, {"drafts": 0, "draft_tokens": 0, "accepted": 0}
-        prompts = build_prompts(llm, batch * rounds)
+        prompts = build_prompts(llm.tokenizer, batch * rounds)
         for r in range(rounds):
             tokens, s, c = run_engine(llm, prompts[r * batch:(r + 1) * batch], params)
             outputs += tokens
             seconds += s
             counts = {k: counts[k] + c[k] for k in counts}
         num_tokens = sum(len(t) for t in outputs)
-        results[batch] = {"tok_s": num_tokens / seconds, "tokens": num_tokens, "outputs": outputs, **counts}
+        results[batch] = {"tok_s": num_tokens / seconds, "tokens": num_tokens, "outputs": outputs,
+                          "model_path": llm.engine.ready.model_path, **counts}
     del llm
     torch.cuda.empty_cache()
     return results
@@ -114,6 +116,7 @@ def bench_transformers(model_dir: str, prompts: list[list[int]], max_tokens: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--dtype", default="bfloat16", help="default: %(default)s")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--rounds", type=int, default=3, help="batches of each size, one after the other")
     parser.add_argument("--max-tokens", type=int, default=256)
@@ -125,13 +128,13 @@ def main() -> None:
     specs = [json.loads(s) for s in args.speculative_config] if args.speculative_config else [NGRAM]
 
     print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, torch {torch.__version__}")
-    base = bench_engine(args.model, None, args.batch_sizes, args.rounds, args.max_tokens, args.max_model_len)
+    base = bench_engine(args.model, args.dtype, None, args.batch_sizes, args.rounds, args.max_tokens, args.max_model_len)
     rows = [("octavo, no speculation", None, base)]
     for spec in specs:
         print(f"{spec['method']} k={spec['num_speculative_tokens']}: {json.dumps(spec)}")
     for spec in specs:
         rows.append((f"octavo, {spec['method']} k={spec['num_speculative_tokens']}", spec,
-                     bench_engine(args.model, spec, args.batch_sizes, args.rounds, args.max_tokens,
+                     bench_engine(args.model, args.dtype, spec, args.batch_sizes, args.rounds, args.max_tokens,
                                   args.max_model_len)))
 
     print(f"\n{'engine':<40} {'batch':>5} {'tok/s':>9} {'speed-up':>8} {'accept':>7} {'mean len':>8} {'same':>5}")
@@ -144,9 +147,10 @@ def main() -> None:
             print(f"{name:<40} {batch:>5} {r['tok_s']:>9.1f} {speedup:>7.2f}x {accept:>7} {mean_len:>8} {str(same):>5}")
 
     if args.hf_prompts and torch.cuda.is_available():
-        llm_dir = LLM(args.model, max_num_seqs=1, max_model_len=args.max_model_len, kv_cache_memory=1 << 28)
-        model_dir, prompts = llm_dir.engine.ready.model_path, build_prompts(llm_dir, args.hf_prompts)
-        del llm_dir
+        from transformers import AutoTokenizer
+
+        model_dir = next(iter(base.values()))["model_path"]
+        prompts = build_prompts(AutoTokenizer.from_pretrained(model_dir), args.hf_prompts)
         for name, tok_s in bench_transformers(model_dir, prompts, args.max_tokens).items():
             print(f"{'transformers generate, ' + name:<40} {1:>5} {tok_s:>9.1f} "
                   f"{tok_s / base[1]['tok_s'] if 1 in base else float('nan'):>7.2f}x")

@@ -77,7 +77,10 @@ def run(sample: Sample, requests: list[dict], max_num_draft: int | None = None, 
     counts = [len(r["drafts"]) for r in requests]
     vocab = next(r["p"].shape[1] for r in requests if len(r["drafts"]))
     with_q = requests[0]["q"] is not None
-    cat = lambda key: torch.cat([r[key].reshape(-1, vocab) for r in requests])  # noqa: E731
+
+    def cat(key: str) -> torch.Tensor:
+        return torch.cat([r[key].reshape(-1, vocab) for r in requests])
+
     return sample(torch.tensor([d for r in requests for d in r["drafts"]], dtype=torch.int64),
                   torch.tensor([0] + counts, dtype=torch.int32).cumsum(0, dtype=torch.int32),
                   cat("p"), cat("q") if with_q else None,
@@ -144,7 +147,7 @@ def check_greedy(sample: Sample, vocab: int = 50, **kwargs) -> None:
     tied = probs[0].eq(probs[0].max()).nonzero().flatten().tolist()
     assert len(tied) > 1 and tied[0] == argmax[0]
     reqs = [request(argmax[:3], probs[:3], greedy=True, bonus=11),  # all accepted: the bonus
-            request([argmax[0], argmax[1] + 1, argmax[2]], probs[:3], greedy=True),  # mismatch at 1
+            request([argmax[0], (argmax[1] + 1) % vocab, argmax[2]], probs[:3], greedy=True),  # mismatch at 1
             request([tied[-1]], probs[:1], greedy=True),  # a tied max that is not the first: rejected
             request([], probs[:0], greedy=True, bonus=5),
             request(argmax, probs, greedy=True, bonus=12)]
@@ -158,7 +161,9 @@ def check_certain_outcomes(sample: Sample, **kwargs) -> None:
     """Sampled requests whose acceptance and recovered token do not depend on the draw."""
     v = 16
     for with_q in (False, True):
-        q = (lambda *rows: torch.stack(rows).reshape(-1, v)) if with_q else (lambda *rows: None)
+        def q(*rows: torch.Tensor) -> torch.Tensor | None:
+            return torch.stack(rows).reshape(-1, v) if with_q else None
+
         reqs = [request([3, 4], torch.stack([one_hot(3), one_hot(4)]), q(one_hot(3), one_hot(4)), bonus=9),
                 request([3, 4], torch.stack([one_hot(3), one_hot(6)]), q(one_hot(3), one_hot(4))),  # p(4) = 0
                 request([], torch.zeros(0, v), q(torch.zeros(0, v)), bonus=2),

@@ -81,8 +81,10 @@ class CudaGraphRunner:
         torch.cuda.synchronize()
 
     def can_run(self, num_reqs: int, max_query_len: int = 1) -> bool:
+        if not self.graphs:
+            return False  # not captured yet (the warm-up runs eagerly)
         if max_query_len == 1:
-            return num_reqs <= self.max_batch and bool(self.graphs)
+            return num_reqs <= self.max_batch
         return max_query_len <= self.spec_query_len and bool(self.spec_sizes) and num_reqs <= self.spec_sizes[-1]
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
