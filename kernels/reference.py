@@ -111,6 +111,24 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
         x.copy_(rotated.to(x.dtype))
 
 
+def norm_rope_write_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       positions: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
+                       k_norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """One layer's attention inputs for the step: with norm weights (Qwen3: both or neither),
+    rms_norm over each head of query and key; then rotary_embedding of both; then
+    write_kv_cache of the keys and values. Returns the rotated query as a new tensor and leaves
+    `query` and `key` as they were."""
+    if q_norm_weight is not None:
+        query, _ = rms_norm(query, q_norm_weight, eps)
+        key, _ = rms_norm(key, k_norm_weight, eps)
+    else:
+        query, key = query.clone(), key.clone()
+    rotary_embedding(positions, query, key, cos_sin_cache)
+    write_kv_cache(key, value, kv_cache, slot_mapping)
+    return query
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [..., 2 * d] holding gate then up; returns silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)

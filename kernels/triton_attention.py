@@ -1,9 +1,9 @@
-"""Triton kernels of the paged KV cache: writing the step's keys/values, and paged attention.
+"""Paged attention in Triton; semantics are those of `kernels.reference`.
 
-Semantics are those of `kernels.reference`. The attention kernel serves every batch in one
-launch: prefill chunks over a cached prefix, decodes, speculative-decoding verification and
-requests with no query tokens this step. Its grid and its configuration depend only on tensor
-shapes, never on tensor values, so a call makes no host sync and can be captured in a CUDA graph.
+The kernel serves every batch in one launch: prefill chunks over a cached prefix, decodes,
+speculative-decoding verification and requests with no query tokens this step. Its grid and
+its configuration depend only on tensor shapes, never on tensor values, so a call makes no host
+sync and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -21,49 +21,6 @@ _LOG2E = 1.4426950408889634
 # some KV range (a split wholly past its causal boundary) then rescales by
 # exp2(floor - floor) = 1 an all-zero accumulator, instead of by exp2(-inf + inf) = NaN.
 _NEG_FLOOR = tl.constexpr(-1.0e30)
-
-
-@triton.jit
-def _write_kv_cache_kernel(
-    key_ptr, value_ptr, cache_ptr, slot_mapping_ptr,
-    stride_key_t, stride_key_h, stride_value_t, stride_value_h,
-    stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_h,
-    num_kv_heads,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-):
-    token = tl.program_id(0)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:  # padding token
-        return
-    heads = tl.arange(0, BLOCK_H)
-    dims = tl.arange(0, BLOCK_D)
-    mask = (heads[:, None] < num_kv_heads) & (dims[None, :] < HEAD_DIM)
-    cache_offsets = ((slot // PAGE_SIZE) * stride_cache_block + (slot % PAGE_SIZE) * stride_cache_slot
-                     + heads[:, None] * stride_cache_h + dims[None, :])
-    key = tl.load(key_ptr + token * stride_key_t + heads[:, None] * stride_key_h + dims[None, :],
-                  mask=mask)
-    value = tl.load(value_ptr + token * stride_value_t + heads[:, None] * stride_value_h + dims[None, :],
-                    mask=mask)
-    cache_dtype = cache_ptr.dtype.element_ty
-    tl.store(cache_ptr + cache_offsets, key.to(cache_dtype), mask=mask)
-    tl.store(cache_ptr + stride_cache_kv + cache_offsets, value.to(cache_dtype), mask=mask)
-
-
-def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    num_tokens, num_kv_heads, head_dim = key.shape
-    if num_tokens == 0:
-        return
-    assert key.stride(-1) == 1 and value.stride(-1) == 1 and kv_cache.stride(-1) == 1
-    _write_kv_cache_kernel[(num_tokens,)](
-        key, value, kv_cache, slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        num_kv_heads,
-        HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=kv_cache.shape[2],
-    )
 
 
 @triton.jit
