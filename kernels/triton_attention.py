@@ -24,21 +24,36 @@ _NEG_FLOOR = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _first_tile(query_start_loc_ptr, req, BLOCK_Q: tl.constexpr):
+    """Request `req`'s first query tile. Request i's tiles start at
+    `query_start_loc[i] // BLOCK_Q + i`, a strictly increasing sequence: each request gets at most
+    one partial tile more than its share of the flat token range, so the grid size depends on
+    shapes only (and past the last request, this is the grid size)."""
+    return tl.load(query_start_loc_ptr + req) // BLOCK_Q + req
+
+
+@triton.jit
 def _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q: tl.constexpr):
-    """The request owning query tile `tile`: request i's tiles start at
-    `query_start_loc[i] // BLOCK_Q + i`, a strictly increasing sequence, so binary-search for
-    the last start <= tile. Bounding each request's tile count this way (at most one partial
-    tile more than its share of the flat token range) lets the grid size depend on shapes only."""
-    lo: tl.int32 = 0
-    hi: tl.int32 = num_reqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
-        if first_tile <= tile:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
+    """The request owning query tile `tile`: the last one whose first tile is <= tile.
+
+    In a decode batch (one query per request) request i's first tile is i + i // BLOCK_Q, so
+    the guess below is right and two loads confirm it; otherwise a binary search finds it. The
+    search's chain of dependent loads would delay every decode program's first KV load."""
+    guess = tl.minimum(tile // (BLOCK_Q + 1) * BLOCK_Q + tl.minimum(tile % (BLOCK_Q + 1), BLOCK_Q - 1),
+                       num_reqs - 1)
+    req = guess
+    if (_first_tile(query_start_loc_ptr, guess, BLOCK_Q) > tile) | \
+            (_first_tile(query_start_loc_ptr, guess + 1, BLOCK_Q) <= tile):
+        lo: tl.int32 = 0
+        hi: tl.int32 = num_reqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _first_tile(query_start_loc_ptr, mid, BLOCK_Q) <= tile:
+                lo = mid + 1
+            else:
+                hi = mid
+        req = lo - 1
+    return req
 
 
 @triton.jit
