@@ -282,10 +282,10 @@ def bench() -> None:
     # (name, context lengths, configurations to compare with the automatic one)
     decode_cases = [
         ("decode B=256 ctx=1024", [1023] * 256,
-         [AttentionConfig(16, 64, 1, 4, 2), AttentionConfig(16, 128, 1, 4, 3)]),
+         [AttentionConfig(16, 64, 1, 4, 3), AttentionConfig(16, 128, 1, 4, 2)]),
         ("decode B=256 ctx~U[100,2048]", [random.Random(0).randint(99, 2047) for _ in range(256)], []),
         ("decode B=64 ctx=1024", [1023] * 64, []),
-        ("decode B=32 ctx=1024", [1023] * 32, [AttentionConfig(16, 64, s, 4, 3) for s in (1, 2, 4)]),
+        ("decode B=32 ctx=1024", [1023] * 32, [AttentionConfig(16, 64, s, 4, 2) for s in (1, 2, 4)]),
         ("decode B=16 ctx=1024", [1023] * 16, []),
         ("decode B=4 ctx=4096", [4095] * 4, []),
     ]
