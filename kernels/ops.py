@@ -24,11 +24,12 @@ def _triton_kernels():
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                    decode_order: torch.Tensor | None = None) -> torch.Tensor:
+    args = (query, kv_cache, query_start_loc, seq_lens, block_tables, scale, decode_order)
     if _use_triton(query):
-        return _triton_kernels().paged_attention(query, kv_cache, query_start_loc, seq_lens,
-                                                 block_tables, scale)
-    return reference.paged_attention(query, kv_cache, query_start_loc, seq_lens, block_tables, scale)
+        return _triton_kernels().paged_attention(*args)
+    return reference.paged_attention(*args)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

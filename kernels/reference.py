@@ -29,12 +29,14 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                    decode_order: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each request's new queries over its whole cached sequence.
 
     query: [num_tokens, num_heads, head_dim]; returns the same shape. Grouped-query attention
     when num_heads is a multiple of num_kv_heads. The new tokens' keys and values must already
-    be in the cache (write_kv_cache runs first).
+    be in the cache (write_kv_cache runs first). decode_order, a permutation of the requests
+    of a batch with one query each, only orders the Triton kernel's work: it changes no result.
     """
     out = torch.empty_like(query)
     num_queries = query_start_loc[1:] - query_start_loc[:-1]

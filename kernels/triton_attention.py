@@ -3,7 +3,8 @@
 The kernel serves every batch in one launch: prefill chunks over a cached prefix, decodes,
 speculative-decoding verification and requests with no query tokens this step. Its grid and
 its configuration depend only on tensor shapes, never on tensor values, so a call makes no host
-sync and can be captured in a CUDA graph.
+sync and can be captured in a CUDA graph. A decode batch may also come with the order in which
+to start its requests' programs (longest first, from the CUDA graphs).
 """
 
 from __future__ import annotations
@@ -97,28 +98,38 @@ def _attend_kv_tiles(acc, row_sum, row_max, q, k_ptr, v_ptr, block_table_ptr, q_
 @triton.jit
 def _paged_attention_kernel(
     query_ptr, cache_ptr, out_ptr, split_acc_ptr, split_stats_ptr,
-    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, decode_order_ptr,
     qk_scale, num_reqs, num_heads, num_split_rows,
     stride_q_t, stride_q_h, stride_out_t, stride_out_h,
     stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_h,
     stride_block_tables,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DECODE_ORDER: tl.constexpr,
 ):
     """One program: a tile of BLOCK_Q query tokens x the GROUP query heads of one KV head (so
     the group's heads share every K/V load), over the KV range of one split.
 
     Row r of the tile is query token r // GROUP, head kv_head * GROUP + r % GROUP."""
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
     split = tl.program_id(2)
-
-    req = _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q)
-    q_begin = tl.load(query_start_loc_ptr + req)
-    num_queries = tl.load(query_start_loc_ptr + req + 1) - q_begin
-    q_tile = tile - (q_begin // BLOCK_Q + req)
+    if HAS_DECODE_ORDER:
+        # One query per request. Programs start in grid order, axis 0 fastest: every KV head of
+        # request decode_order[0], then of decode_order[1], ... The heads of a request read
+        # neighbouring cache bytes (a slot holds all its heads), and with the longest requests
+        # first the short ones fill the end of the launch instead of a long one running alone.
+        kv_head = tl.program_id(0)
+        req = tl.load(decode_order_ptr + tl.program_id(1))
+        q_begin = tl.load(query_start_loc_ptr + req)
+        num_queries = tl.load(query_start_loc_ptr + req + 1) - q_begin
+        q_tile = 0
+    else:
+        tile = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        req = _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q)
+        q_begin = tl.load(query_start_loc_ptr + req)
+        num_queries = tl.load(query_start_loc_ptr + req + 1) - q_begin
+        q_tile = tile - (q_begin // BLOCK_Q + req)
     if q_tile * BLOCK_Q >= num_queries:  # the grid's spare tiles, and requests with no queries
         return
     seq_len = tl.load(seq_lens_ptr + req)
@@ -243,19 +254,23 @@ def select_config(num_tokens: int, num_reqs: int, group: int, max_kv_len: int,
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                    decode_order: torch.Tensor | None = None) -> torch.Tensor:
+    """decode_order: for a batch of one query per request only, the order in which to start the
+    requests' programs (`workers.attention.AttentionMetadata.decode_order`)."""
     num_tokens, num_heads, _ = query.shape
     num_reqs, num_kv_heads = seq_lens.shape[0], kv_cache.shape[3]
     config = select_config(num_tokens, num_reqs, num_heads // num_kv_heads,
                            block_tables.shape[1] * kv_cache.shape[2], num_kv_heads, query.device)
     return paged_attention_with_config(query, kv_cache, query_start_loc, seq_lens, block_tables,
-                                       scale, config)
+                                       scale, config, decode_order)
 
 
 def paged_attention_with_config(query: torch.Tensor, kv_cache: torch.Tensor,
                                 query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                                 block_tables: torch.Tensor, scale: float,
-                                config: AttentionConfig) -> torch.Tensor:
+                                config: AttentionConfig,
+                                decode_order: torch.Tensor | None = None) -> torch.Tensor:
     """paged_attention with an explicit configuration (tests cover each path, benchmarks tune)."""
     num_tokens, num_heads, head_dim = query.shape
     num_reqs, num_kv_heads, page_size = seq_lens.shape[0], kv_cache.shape[3], kv_cache.shape[2]
@@ -274,17 +289,23 @@ def paged_attention_with_config(query: torch.Tensor, kv_cache: torch.Tensor,
         split_stats = torch.empty(2 * num_split_rows, dtype=torch.float32, device=query.device)
     else:  # unused by the kernel; any tensor fills the argument
         split_acc = split_stats = out
-    grid = (num_tokens // block_q + num_reqs, num_kv_heads, num_splits)
+    if decode_order is not None:
+        assert num_tokens == num_reqs, "decode_order is for one query per request"
+        grid = (num_kv_heads, num_reqs, num_splits)
+    else:
+        grid = (num_tokens // block_q + num_reqs, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
         query, kv_cache, out, split_acc, split_stats,
         query_start_loc, seq_lens, block_tables,
+        # Without an order the argument is unused: any tensor fills it.
+        decode_order if decode_order is not None else seq_lens,
         scale * _LOG2E, num_reqs, num_heads, num_split_rows,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, PAGE_SIZE=page_size,
-        NUM_SPLITS=num_splits,
+        NUM_SPLITS=num_splits, HAS_DECODE_ORDER=decode_order is not None,
         # fp32 models get exact fp32 products, not TF32's 10-bit mantissas; others are unaffected.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -229,6 +229,24 @@ def _case_attention_decode_lengths() -> None:
     _check_attention(batch, scale=0.125, atol=2e-5, rtol=2e-5)
 
 
+def _case_attention_decode_order() -> None:
+    # The programs of a decode batch started in a given order (longest first, as the CUDA
+    # graphs ask, and an arbitrary one), split and not.
+    from kernels import triton_ops
+    from kernels.triton_attention import AttentionConfig, paged_attention_with_config
+
+    lens = [130, 0, 64, 17, 65, 15]
+    batch = make_attention_batch([1] * len(lens), lens, 4, 2, 64, 16, seed=4)
+    expected = reference.paged_attention(*batch.clean_args(), 0.125)
+    for order in (torch.argsort(batch.seq_lens, descending=True), torch.tensor([3, 5, 0, 1, 4, 2])):
+        outs = [triton_ops.paged_attention(*batch.args(), 0.125, order)]
+        for splits in (1, 4):
+            config = AttentionConfig(16, 32, splits, num_warps=4, num_stages=2)
+            outs.append(paged_attention_with_config(*batch.args(), 0.125, config, order))
+        for out in outs:
+            torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
 def _case_attention_float16() -> None:
     batch = make_attention_batch(MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, 4, 2, 64, 16,
                                  dtype=torch.float16, seed=2)
@@ -298,6 +316,7 @@ INTERPRETER_CASES: dict[str, Callable[[], None]] = {
     "attention_mixed_group4_page16_dim128": _attention_mixed_case(4, 1, 128, 16),
     "attention_mixed_group8_page32_dim64": _attention_mixed_case(8, 1, 64, 32),
     "attention_decode_lengths": _case_attention_decode_lengths,
+    "attention_decode_order": _case_attention_decode_order,
     "attention_float16": _case_attention_float16,
     "attention_empty": _case_attention_empty,
     "norm_rope_write_kv": _case_norm_rope_write_kv,

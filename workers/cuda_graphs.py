@@ -44,16 +44,21 @@ class CudaGraphRunner:
             block_tables=self.block_tables[:batch],
         )
 
+    def _forward(self, batch: int) -> torch.Tensor:
+        metadata = self._metadata(batch)
+        # Sorted inside the graph, on each replay's sequence lengths.
+        metadata.decode_order = torch.argsort(metadata.seq_lens, descending=True)
+        return self.model(self.input_ids[:batch], self.positions[:batch], metadata)
+
     @torch.inference_mode()
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         # Largest first: smaller graphs then reuse the big one's memory pool.
         for batch in reversed(self.sizes):
-            metadata = self._metadata(batch)
-            self.model(self.input_ids[:batch], self.positions[:batch], metadata)  # warm-up
+            self._forward(batch)  # warm-up
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[batch] = self.model(self.input_ids[:batch], self.positions[:batch], metadata)
+                self.outputs[batch] = self._forward(batch)
             self.graphs[batch] = graph
         torch.cuda.synchronize()
 

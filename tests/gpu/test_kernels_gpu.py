@@ -98,7 +98,8 @@ def reference_attention(batch: AttentionBatch, scale: float) -> torch.Tensor:
 
 
 def check_attention(batch: AttentionBatch, scale: float,
-                    forced_configs: tuple[AttentionConfig, ...] = ()) -> None:
+                    forced_configs: tuple[AttentionConfig, ...] = (),
+                    decode_order: torch.Tensor | None = None) -> None:
     """The public kernel (its own configuration), then each of `forced_configs`."""
     from kernels import triton_ops
     from kernels.triton_attention import paged_attention_with_config
@@ -107,9 +108,9 @@ def check_attention(batch: AttentionBatch, scale: float,
     for config in (None, *forced_configs):
         poison_allocator()
         if config is None:
-            out = triton_ops.paged_attention(*batch.args(), scale)
+            out = triton_ops.paged_attention(*batch.args(), scale, decode_order)
         else:
-            out = paged_attention_with_config(*batch.args(), scale, config)
+            out = paged_attention_with_config(*batch.args(), scale, config, decode_order)
         torch.cuda.synchronize()
         assert not out.isnan().any(), f"{config}: an output element never written (or NaN leaked in)"
         error = relative_error(out, expected)
@@ -151,6 +152,8 @@ def test_paged_attention_decode(num_reqs: int) -> None:
     context_lens = [rng.randint(0, 2047) for _ in range(num_reqs)]
     batch = make_attention_batch([1] * num_reqs, context_lens, *QWEN3_HEADS, 16, torch.bfloat16)
     check_attention(batch, 0.088)
+    # Longest first, as the CUDA graphs start them.
+    check_attention(batch, 0.088, decode_order=torch.argsort(batch.seq_lens, descending=True))
 
 
 def test_paged_attention_in_cuda_graph() -> None:
@@ -163,13 +166,19 @@ def test_paged_attention_in_cuda_graph() -> None:
     context_lens = [rng.randint(1, 1500) for _ in range(num_reqs)]
     batch = make_attention_batch([1] * num_reqs, context_lens, *QWEN3_HEADS, 16, torch.bfloat16,
                                  spare_blocks_per_req=40, poison=False)
-    triton_ops.paged_attention(*batch.args(), scale)  # compile outside the capture
+
+    def attend() -> torch.Tensor:  # longest first, sorted in the graph as the CUDA graphs' are
+        return triton_ops.paged_attention(*batch.args(), scale,
+                                          torch.argsort(batch.seq_lens, descending=True))
+
+    attend()  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = triton_ops.paged_attention(*batch.args(), scale)
+        out = attend()
     for step in range(3):
-        batch.seq_lens.add_(rng.randint(1, 200))  # within the 40 spare blocks
+        # Within the 40 spare blocks; the longest-first order changes between replays.
+        batch.seq_lens.add_(torch.randint(1, 200, (num_reqs,), dtype=torch.int32, device="cuda"))
         batch.query.normal_()
         graph.replay()
         expected = reference_attention(batch, scale)
@@ -295,8 +304,9 @@ def bench() -> None:
         nbytes = kv_bytes(batch)
         auto = select_config(len(context_lens), len(context_lens), num_heads // num_kv_heads,
                              batch.block_tables.shape[1] * 16, num_kv_heads, batch.query.device)
+        order = torch.argsort(batch.seq_lens, descending=True)  # as the CUDA graphs start them
         for config in (auto, *configs):
-            seconds = _bench(lambda: paged_attention_with_config(*batch.args(), 0.088, config))
+            seconds = _bench(lambda: paged_attention_with_config(*batch.args(), 0.088, config, order))
             label = "auto" if config is auto else "    "
             report(f"{name} {label} m/n/splits/warps/stages {config.block_m}/{config.block_n}/"
                    f"{config.num_splits}/{config.num_warps}/{config.num_stages}", seconds, nbytes=nbytes)
