@@ -23,19 +23,13 @@ def _triton_kernels():
     return triton_ops
 
 
-def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    if _use_triton(key):
-        return _triton_kernels().write_kv_cache(key, value, kv_cache, slot_mapping)
-    return reference.write_kv_cache(key, value, kv_cache, slot_mapping)
-
-
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                    decode_order: torch.Tensor | None = None) -> torch.Tensor:
+    args = (query, kv_cache, query_start_loc, seq_lens, block_tables, scale, decode_order)
     if _use_triton(query):
-        return _triton_kernels().paged_attention(query, kv_cache, query_start_loc, seq_lens,
-                                                 block_tables, scale)
-    return reference.paged_attention(query, kv_cache, query_start_loc, seq_lens, block_tables, scale)
+        return _triton_kernels().paged_attention(*args)
+    return reference.paged_attention(*args)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -45,11 +39,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return reference.rms_norm(x, weight, eps, residual)
 
 
-def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                     cos_sin_cache: torch.Tensor) -> None:
+def norm_rope_write_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       positions: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
+                       k_norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    args = (query, key, value, positions, cos_sin_cache, kv_cache, slot_mapping, q_norm_weight,
+            k_norm_weight, eps)
     if _use_triton(query):
-        return _triton_kernels().rotary_embedding(positions, query, key, cos_sin_cache)
-    return reference.rotary_embedding(positions, query, key, cos_sin_cache)
+        return _triton_kernels().norm_rope_write_kv(*args)
+    return reference.norm_rope_write_kv(*args)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -29,12 +29,14 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                    decode_order: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each request's new queries over its whole cached sequence.
 
     query: [num_tokens, num_heads, head_dim]; returns the same shape. Grouped-query attention
     when num_heads is a multiple of num_kv_heads. The new tokens' keys and values must already
-    be in the cache (write_kv_cache runs first).
+    be in the cache (write_kv_cache runs first). decode_order, a permutation of the requests
+    of a batch with one query each, only orders the Triton kernel's work: it changes no result.
     """
     out = torch.empty_like(query)
     num_queries = query_start_loc[1:] - query_start_loc[:-1]
@@ -109,6 +111,24 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
         x1, x2 = x[..., :half].float(), x[..., half:].float()
         rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         x.copy_(rotated.to(x.dtype))
+
+
+def norm_rope_write_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       positions: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
+                       k_norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """One layer's attention inputs for the step: with norm weights (Qwen3: both or neither),
+    rms_norm over each head of query and key; then rotary_embedding of both; then
+    write_kv_cache of the keys and values. Returns the rotated query as a new tensor and leaves
+    `query` and `key` as they were."""
+    if q_norm_weight is not None:
+        query, _ = rms_norm(query, q_norm_weight, eps)
+        key, _ = rms_norm(key, k_norm_weight, eps)
+    else:
+        query, key = query.clone(), key.clone()
+    rotary_embedding(positions, query, key, cos_sin_cache)
+    write_kv_cache(key, value, kv_cache, slot_mapping)
+    return query
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""Triton kernels of the paged KV cache: writing the step's keys/values, and paged attention.
+"""Paged attention in Triton; semantics are those of `kernels.reference`.
 
-Semantics are those of `kernels.reference`. The attention kernel serves every batch in one
-launch: prefill chunks over a cached prefix, decodes, speculative-decoding verification and
-requests with no query tokens this step. Its grid and its configuration depend only on tensor
-shapes, never on tensor values, so a call makes no host sync and can be captured in a CUDA graph.
+The kernel serves every batch in one launch: prefill chunks over a cached prefix, decodes,
+speculative-decoding verification and requests with no query tokens this step. Its grid and
+its configuration depend only on tensor shapes, never on tensor values, so a call makes no host
+sync and can be captured in a CUDA graph. A decode batch may also come with the order in which
+to start its requests' programs (longest first, from the CUDA graphs).
 """
 
 from __future__ import annotations
@@ -24,64 +25,36 @@ _NEG_FLOOR = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _write_kv_cache_kernel(
-    key_ptr, value_ptr, cache_ptr, slot_mapping_ptr,
-    stride_key_t, stride_key_h, stride_value_t, stride_value_h,
-    stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_h,
-    num_kv_heads,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-):
-    token = tl.program_id(0)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:  # padding token
-        return
-    heads = tl.arange(0, BLOCK_H)
-    dims = tl.arange(0, BLOCK_D)
-    mask = (heads[:, None] < num_kv_heads) & (dims[None, :] < HEAD_DIM)
-    cache_offsets = ((slot // PAGE_SIZE) * stride_cache_block + (slot % PAGE_SIZE) * stride_cache_slot
-                     + heads[:, None] * stride_cache_h + dims[None, :])
-    key = tl.load(key_ptr + token * stride_key_t + heads[:, None] * stride_key_h + dims[None, :],
-                  mask=mask)
-    value = tl.load(value_ptr + token * stride_value_t + heads[:, None] * stride_value_h + dims[None, :],
-                    mask=mask)
-    cache_dtype = cache_ptr.dtype.element_ty
-    tl.store(cache_ptr + cache_offsets, key.to(cache_dtype), mask=mask)
-    tl.store(cache_ptr + stride_cache_kv + cache_offsets, value.to(cache_dtype), mask=mask)
-
-
-def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    num_tokens, num_kv_heads, head_dim = key.shape
-    if num_tokens == 0:
-        return
-    assert key.stride(-1) == 1 and value.stride(-1) == 1 and kv_cache.stride(-1) == 1
-    _write_kv_cache_kernel[(num_tokens,)](
-        key, value, kv_cache, slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        num_kv_heads,
-        HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=kv_cache.shape[2],
-    )
+def _first_tile(query_start_loc_ptr, req, BLOCK_Q: tl.constexpr):
+    """Request `req`'s first query tile. Request i's tiles start at
+    `query_start_loc[i] // BLOCK_Q + i`, a strictly increasing sequence: each request gets at most
+    one partial tile more than its share of the flat token range, so the grid size depends on
+    shapes only (and past the last request, this is the grid size)."""
+    return tl.load(query_start_loc_ptr + req) // BLOCK_Q + req
 
 
 @triton.jit
 def _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q: tl.constexpr):
-    """The request owning query tile `tile`: request i's tiles start at
-    `query_start_loc[i] // BLOCK_Q + i`, a strictly increasing sequence, so binary-search for
-    the last start <= tile. Bounding each request's tile count this way (at most one partial
-    tile more than its share of the flat token range) lets the grid size depend on shapes only."""
-    lo: tl.int32 = 0
-    hi: tl.int32 = num_reqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
-        if first_tile <= tile:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
+    """The request owning query tile `tile`: the last one whose first tile is <= tile.
+
+    In a decode batch (one query per request) request i's first tile is i + i // BLOCK_Q, so
+    the guess below is right and two loads confirm it; otherwise a binary search finds it. The
+    search's chain of dependent loads would delay every decode program's first KV load."""
+    guess = tl.minimum(tile // (BLOCK_Q + 1) * BLOCK_Q + tl.minimum(tile % (BLOCK_Q + 1), BLOCK_Q - 1),
+                       num_reqs - 1)
+    req = guess
+    if (_first_tile(query_start_loc_ptr, guess, BLOCK_Q) > tile) | \
+            (_first_tile(query_start_loc_ptr, guess + 1, BLOCK_Q) <= tile):
+        lo: tl.int32 = 0
+        hi: tl.int32 = num_reqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _first_tile(query_start_loc_ptr, mid, BLOCK_Q) <= tile:
+                lo = mid + 1
+            else:
+                hi = mid
+        req = lo - 1
+    return req
 
 
 @triton.jit
@@ -125,28 +98,38 @@ def _attend_kv_tiles(acc, row_sum, row_max, q, k_ptr, v_ptr, block_table_ptr, q_
 @triton.jit
 def _paged_attention_kernel(
     query_ptr, cache_ptr, out_ptr, split_acc_ptr, split_stats_ptr,
-    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, decode_order_ptr,
     qk_scale, num_reqs, num_heads, num_split_rows,
     stride_q_t, stride_q_h, stride_out_t, stride_out_h,
     stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_h,
     stride_block_tables,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DECODE_ORDER: tl.constexpr,
 ):
     """One program: a tile of BLOCK_Q query tokens x the GROUP query heads of one KV head (so
     the group's heads share every K/V load), over the KV range of one split.
 
     Row r of the tile is query token r // GROUP, head kv_head * GROUP + r % GROUP."""
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
     split = tl.program_id(2)
-
-    req = _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q)
-    q_begin = tl.load(query_start_loc_ptr + req)
-    num_queries = tl.load(query_start_loc_ptr + req + 1) - q_begin
-    q_tile = tile - (q_begin // BLOCK_Q + req)
+    if HAS_DECODE_ORDER:
+        # One query per request. Programs start in grid order, axis 0 fastest: every KV head of
+        # request decode_order[0], then of decode_order[1], ... The heads of a request read
+        # neighbouring cache bytes (a slot holds all its heads), and with the longest requests
+        # first the short ones fill the end of the launch instead of a long one running alone.
+        kv_head = tl.program_id(0)
+        req = tl.load(decode_order_ptr + tl.program_id(1))
+        q_begin = tl.load(query_start_loc_ptr + req)
+        num_queries = tl.load(query_start_loc_ptr + req + 1) - q_begin
+        q_tile = 0
+    else:
+        tile = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        req = _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q)
+        q_begin = tl.load(query_start_loc_ptr + req)
+        num_queries = tl.load(query_start_loc_ptr + req + 1) - q_begin
+        q_tile = tile - (q_begin // BLOCK_Q + req)
     if q_tile * BLOCK_Q >= num_queries:  # the grid's spare tiles, and requests with no queries
         return
     seq_len = tl.load(seq_lens_ptr + req)
@@ -234,10 +217,11 @@ class AttentionConfig:
 # verification) are memory-bound: small query tiles, and KV splits when the requests alone
 # leave the GPU idle.
 _DECODE_QUERIES_PER_REQ = 4
-# Splitting pays only while the grid is under about two programs per multiprocessor (on an
-# H200 at Qwen3-0.6B's shape: B=4 x 4096 tokens best with 8 splits, B=16 with 2, B=64 with
-# none); beyond, the shorter programs and the combine pass cost more than the balance gains.
-_DECODE_PROGRAMS_PER_SM = 2
+# Splitting pays while the requests alone give the GPU fewer than about four programs per
+# multiprocessor (H100, Qwen3-0.6B's shape, the reference workload's decode steps: B=16 x ~1600
+# tokens best with 4-8 splits, B=32 as fast with 2 as with none, B=48 and up with none); beyond,
+# the shorter programs and the combine pass cost more than the balance gains.
+_DECODE_PROGRAMS_PER_SM = 4
 # Every split keeps at least this many KV tiles at the longest context the block table allows.
 _MIN_TILES_PER_SPLIT = 4
 _MAX_SPLITS = 16
@@ -264,24 +248,29 @@ def select_config(num_tokens: int, num_reqs: int, group: int, max_kv_len: int,
     num_splits = 1
     while num_reqs * num_kv_heads * num_splits * 2 <= max_programs and num_splits * 2 <= max_splits:
         num_splits *= 2
+    # Double-buffered: 0.3-2% faster than three stages at B=48..256 (H100, the reference workload).
     return AttentionConfig(block_m=max(16, min_block_m), block_n=block_n, num_splits=num_splits,
-                           num_warps=4, num_stages=3)
+                           num_warps=4, num_stages=2)
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                    decode_order: torch.Tensor | None = None) -> torch.Tensor:
+    """decode_order: for a batch of one query per request only, the order in which to start the
+    requests' programs (`workers.attention.AttentionMetadata.decode_order`)."""
     num_tokens, num_heads, _ = query.shape
     num_reqs, num_kv_heads = seq_lens.shape[0], kv_cache.shape[3]
     config = select_config(num_tokens, num_reqs, num_heads // num_kv_heads,
                            block_tables.shape[1] * kv_cache.shape[2], num_kv_heads, query.device)
     return paged_attention_with_config(query, kv_cache, query_start_loc, seq_lens, block_tables,
-                                       scale, config)
+                                       scale, config, decode_order)
 
 
 def paged_attention_with_config(query: torch.Tensor, kv_cache: torch.Tensor,
                                 query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                                 block_tables: torch.Tensor, scale: float,
-                                config: AttentionConfig) -> torch.Tensor:
+                                config: AttentionConfig,
+                                decode_order: torch.Tensor | None = None) -> torch.Tensor:
     """paged_attention with an explicit configuration (tests cover each path, benchmarks tune)."""
     num_tokens, num_heads, head_dim = query.shape
     num_reqs, num_kv_heads, page_size = seq_lens.shape[0], kv_cache.shape[3], kv_cache.shape[2]
@@ -300,17 +289,23 @@ def paged_attention_with_config(query: torch.Tensor, kv_cache: torch.Tensor,
         split_stats = torch.empty(2 * num_split_rows, dtype=torch.float32, device=query.device)
     else:  # unused by the kernel; any tensor fills the argument
         split_acc = split_stats = out
-    grid = (num_tokens // block_q + num_reqs, num_kv_heads, num_splits)
+    if decode_order is not None:
+        assert num_tokens == num_reqs, "decode_order is for one query per request"
+        grid = (num_kv_heads, num_reqs, num_splits)
+    else:
+        grid = (num_tokens // block_q + num_reqs, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
         query, kv_cache, out, split_acc, split_stats,
         query_start_loc, seq_lens, block_tables,
+        # Without an order the argument is unused: any tensor fills it.
+        decode_order if decode_order is not None else seq_lens,
         scale * _LOG2E, num_reqs, num_heads, num_split_rows,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, PAGE_SIZE=page_size,
-        NUM_SPLITS=num_splits,
+        NUM_SPLITS=num_splits, HAS_DECODE_ORDER=decode_order is not None,
         # fp32 models get exact fp32 products, not TF32's 10-bit mantissas; others are unaffected.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -1,6 +1,6 @@
 """Triton kernels, one per function of `kernels.reference` and with the same signatures;
-`kernels.ops` calls them on CUDA tensors. The paged KV cache kernels live in
-`kernels.triton_attention`; the per-token layers (norm, rotary embedding, activation) here.
+`kernels.ops` calls them on CUDA tensors. Paged attention lives in `kernels.triton_attention`;
+the per-token layers (norm; q/k norm, rotary embedding and KV-cache write; activation) here.
 
 Inputs may be strided views (the q/k/v and gate/up slices of fused projections): each kernel
 takes row strides and needs only a unit stride along the last dimension.
@@ -12,9 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_attention import paged_attention, write_kv_cache
+from kernels.triton_attention import paged_attention
 
-__all__ = ["paged_attention", "rms_norm", "rotary_embedding", "silu_and_mul", "write_kv_cache"]
+__all__ = ["norm_rope_write_kv", "paged_attention", "rms_norm", "silu_and_mul"]
 
 
 def _as_3d(x: torch.Tensor) -> torch.Tensor:
@@ -77,53 +77,101 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _rotate_heads(x_ptr, stride_h, num_heads, cos, sin, offs,
-                  HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+def _norm_rope_heads(x_ptr, stride_h, num_heads, norm_weight_ptr, eps, cos, sin, offs,
+                     HALF: tl.constexpr, BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr):
+    """One token's heads [BLOCK_H, head_dim] as their two rotated halves in float32 (and the
+    mask of real elements), normalized per head first with HAS_NORM."""
     heads = tl.arange(0, BLOCK_H)
     mask = (heads < num_heads)[:, None] & (offs < HALF)[None, :]
     first = x_ptr + heads[:, None] * stride_h + offs[None, :]
-    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-    dtype = x_ptr.dtype.element_ty
-    tl.store(first, (x1 * cos[None, :] - x2 * sin[None, :]).to(dtype), mask=mask)
-    tl.store(first + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(dtype), mask=mask)
+    x1 = tl.load(first, mask=mask, other=0.0)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0)
+    dtype = x1.dtype
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    if HAS_NORM:
+        inv_rms = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
+        w1 = tl.load(norm_weight_ptr + offs, mask=offs < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(norm_weight_ptr + HALF + offs, mask=offs < HALF, other=0.0).to(tl.float32)
+        # Rounded to the model's dtype between norm and rotation, as the reference's two steps.
+        x1 = (x1 * inv_rms[:, None] * w1[None, :]).to(dtype).to(tl.float32)
+        x2 = (x2 * inv_rms[:, None] * w2[None, :]).to(dtype).to(tl.float32)
+    return x1 * cos[None, :] - x2 * sin[None, :], x2 * cos[None, :] + x1 * sin[None, :], mask
 
 
 @triton.jit
-def _rotary_embedding_kernel(positions_ptr, query_ptr, key_ptr, cos_sin_ptr,
-                             stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_cos_sin,
-                             num_q_heads, num_k_heads,
-                             HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                             BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
-    """One token: all its query and key heads share one cos/sin row."""
+def _norm_rope_write_kv_kernel(
+    positions_ptr, query_ptr, key_ptr, value_ptr, cos_sin_ptr, q_norm_ptr, k_norm_ptr,
+    query_out_ptr, cache_ptr, slot_mapping_ptr, eps,
+    stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_cos_sin,
+    stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_h,
+    num_q_heads, num_kv_heads,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, HAS_NORM: tl.constexpr,
+):
+    """One token: its query and key heads share one cos/sin row, its keys and values one slot."""
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     cos_sin_row = cos_sin_ptr + position * stride_cos_sin
     cos = tl.load(cos_sin_row + offs, mask=offs < HALF, other=0.0).to(tl.float32)
     sin = tl.load(cos_sin_row + HALF + offs, mask=offs < HALF, other=0.0).to(tl.float32)
-    _rotate_heads(query_ptr + token * stride_q_t, stride_q_h, num_q_heads, cos, sin, offs,
-                  HALF=HALF, BLOCK_H=BLOCK_HQ)
-    _rotate_heads(key_ptr + token * stride_k_t, stride_k_h, num_k_heads, cos, sin, offs,
-                  HALF=HALF, BLOCK_H=BLOCK_HK)
+
+    q1, q2, q_mask = _norm_rope_heads(query_ptr + token * stride_q_t, stride_q_h, num_q_heads,
+                                      q_norm_ptr, eps, cos, sin, offs,
+                                      HALF=HALF, BLOCK_H=BLOCK_HQ, HAS_NORM=HAS_NORM)
+    q_heads = tl.arange(0, BLOCK_HQ)
+    q_out = query_out_ptr + (token * num_q_heads + q_heads[:, None]) * (2 * HALF) + offs[None, :]
+    out_dtype = query_out_ptr.dtype.element_ty
+    tl.store(q_out, q1.to(out_dtype), mask=q_mask)
+    tl.store(q_out + HALF, q2.to(out_dtype), mask=q_mask)
+
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot >= 0:  # -1: a padding token, whose keys and values go nowhere
+        k1, k2, kv_mask = _norm_rope_heads(key_ptr + token * stride_k_t, stride_k_h, num_kv_heads,
+                                           k_norm_ptr, eps, cos, sin, offs,
+                                           HALF=HALF, BLOCK_H=BLOCK_HK, HAS_NORM=HAS_NORM)
+        kv_heads = tl.arange(0, BLOCK_HK)
+        k_dst = (cache_ptr + (slot // PAGE_SIZE) * stride_cache_block
+                 + (slot % PAGE_SIZE) * stride_cache_slot + kv_heads[:, None] * stride_cache_h + offs[None, :])
+        cache_dtype = cache_ptr.dtype.element_ty
+        tl.store(k_dst, k1.to(cache_dtype), mask=kv_mask)
+        tl.store(k_dst + HALF, k2.to(cache_dtype), mask=kv_mask)
+        v_src = value_ptr + token * stride_v_t + kv_heads[:, None] * stride_v_h + offs[None, :]
+        v_dst = k_dst + stride_cache_kv
+        tl.store(v_dst, tl.load(v_src, mask=kv_mask).to(cache_dtype), mask=kv_mask)
+        tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=kv_mask).to(cache_dtype), mask=kv_mask)
 
 
-def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                     cos_sin_cache: torch.Tensor) -> None:
-    num_tokens, num_q_heads, _ = query.shape
-    num_k_heads = key.shape[1]
-    if num_tokens == 0:
-        return
-    assert query.stride(-1) == 1 and key.stride(-1) == 1 and cos_sin_cache.stride(-1) == 1
-    assert positions.is_contiguous()
+def norm_rope_write_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       positions: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
+                       k_norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """One launch for what ran as four (q norm, k norm, rotary embedding, cache write): at decode
+    batch sizes each was a few microseconds of launch and latency, on every layer."""
+    num_tokens, num_q_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
     half = cos_sin_cache.shape[-1] // 2
-    _rotary_embedding_kernel[(num_tokens,)](
-        positions, query, key, cos_sin_cache,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), cos_sin_cache.stride(0),
-        num_q_heads, num_k_heads,
+    assert 2 * half == head_dim, "the rotary embedding covers whole heads"
+    assert query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1
+    assert kv_cache.stride(-1) == 1 and cos_sin_cache.stride(-1) == 1 and positions.is_contiguous()
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if num_tokens == 0:
+        return out
+    has_norm = q_norm_weight is not None
+    _norm_rope_write_kv_kernel[(num_tokens,)](
+        positions, query, key, value, cos_sin_cache,
+        # Without norms the weight arguments are unused: any tensor fills them.
+        q_norm_weight if has_norm else query, k_norm_weight if has_norm else key,
+        out, kv_cache, slot_mapping, eps,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        cos_sin_cache.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        num_q_heads, num_kv_heads,
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HK=triton.next_power_of_2(num_k_heads),
+        BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+        PAGE_SIZE=kv_cache.shape[2], HAS_NORM=has_norm,
     )
+    return out
 
 
 @triton.jit

@@ -172,6 +172,22 @@ def test_reference_rotary_embedding_matches_rotate_half_formula() -> None:
     torch.testing.assert_close(key, expected[1])
 
 
+def test_reference_norm_rope_write_kv_leaves_its_inputs() -> None:
+    cache = rope_cos_sin_cache(16, 8)
+    positions = torch.tensor([3, 5])
+    query, key, value = torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    inputs = [t.clone() for t in (query, key, value)]
+    kv_cache = torch.zeros(2, 1, 4, 2, 8)
+    out = reference.norm_rope_write_kv(query, key, value, positions, cache, kv_cache, torch.tensor([1, 2]))
+    rotated_key = key.clone()
+    reference.rotary_embedding(positions, query.clone(), rotated_key, cache)
+    torch.testing.assert_close(kv_cache[0, 0, 1:3], rotated_key)
+    torch.testing.assert_close(kv_cache[1, 0, 1:3], value)
+    assert not torch.equal(out, query)
+    for t, before in zip((query, key, value), inputs):
+        torch.testing.assert_close(t, before, atol=0, rtol=0)
+
+
 def test_reference_silu_and_mul_matches_formula() -> None:
     x = torch.randn(3, 2 * 24)
     gate, up = x[:, :24].double(), x[:, 24:].double()
@@ -213,6 +229,24 @@ def _case_attention_decode_lengths() -> None:
     _check_attention(batch, scale=0.125, atol=2e-5, rtol=2e-5)
 
 
+def _case_attention_decode_order() -> None:
+    # The programs of a decode batch started in a given order (longest first, as the CUDA
+    # graphs ask, and an arbitrary one), split and not.
+    from kernels import triton_ops
+    from kernels.triton_attention import AttentionConfig, paged_attention_with_config
+
+    lens = [130, 0, 64, 17, 65, 15]
+    batch = make_attention_batch([1] * len(lens), lens, 4, 2, 64, 16, seed=4)
+    expected = reference.paged_attention(*batch.clean_args(), 0.125)
+    for order in (torch.argsort(batch.seq_lens, descending=True), torch.tensor([3, 5, 0, 1, 4, 2])):
+        outs = [triton_ops.paged_attention(*batch.args(), 0.125, order)]
+        for splits in (1, 4):
+            config = AttentionConfig(16, 32, splits, num_warps=4, num_stages=2)
+            outs.append(paged_attention_with_config(*batch.args(), 0.125, config, order))
+        for out in outs:
+            torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
 def _case_attention_float16() -> None:
     batch = make_attention_batch(MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, 4, 2, 64, 16,
                                  dtype=torch.float16, seed=2)
@@ -226,21 +260,29 @@ def _case_attention_empty() -> None:
     assert triton_ops.paged_attention(*batch.args(), 0.125).shape == (0, 4, 64)
 
 
-def _case_write_kv_cache() -> None:
+def _case_norm_rope_write_kv() -> None:
     from kernels import triton_ops
 
-    num_kv_heads, head_dim = 2, 64
-    # Keys and values as the strided slices of a fused qkv projection, as models pass them.
-    qkv = torch.randn(6, (4 + 2 * num_kv_heads) * head_dim)
-    _, key, value = qkv.split([4 * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
-    key, value = key.view(6, num_kv_heads, head_dim), value.view(6, num_kv_heads, head_dim)
+    num_heads, num_kv_heads, head_dim = 4, 2, 64
+    cache = rope_cos_sin_cache(100, head_dim)
+    positions = torch.tensor([0, 1, 99, 42, 7, 3])
     slot_mapping = torch.tensor([17, -1, 0, 31, -1, 40])
     for dtype in (torch.float32, torch.float16):
-        expected = torch.randn(2, 3, 16, num_kv_heads, head_dim).to(dtype)
-        kv_cache = expected.clone()
-        reference.write_kv_cache(key, value, expected, slot_mapping)
-        triton_ops.write_kv_cache(key, value, kv_cache, slot_mapping)
-        torch.testing.assert_close(kv_cache, expected, atol=0, rtol=0)
+        # q, k and v as the strided slices of a fused qkv projection, as models pass them.
+        qkv = torch.randn(6, (num_heads + 2 * num_kv_heads) * head_dim).to(dtype)
+        q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+        q, k, v = q.view(6, num_heads, head_dim), k.view(6, num_kv_heads, head_dim), v.view(6, num_kv_heads, head_dim)
+        norm_weights = (torch.randn(head_dim).to(dtype), torch.randn(head_dim).to(dtype), 1e-6)
+        for norm_args in ((), norm_weights):
+            before = qkv.clone()
+            expected_cache = torch.randn(2, 3, 16, num_kv_heads, head_dim).to(dtype)
+            kv_cache = expected_cache.clone()
+            expected = reference.norm_rope_write_kv(q, k, v, positions, cache, expected_cache, slot_mapping,
+                                                    *norm_args)
+            out = triton_ops.norm_rope_write_kv(q, k, v, positions, cache, kv_cache, slot_mapping, *norm_args)
+            torch.testing.assert_close(out, expected)
+            torch.testing.assert_close(kv_cache, expected_cache)
+            torch.testing.assert_close(qkv, before, atol=0, rtol=0)  # inputs untouched
 
 
 def _case_rms_norm() -> None:
@@ -260,22 +302,6 @@ def _case_rms_norm() -> None:
     torch.testing.assert_close(out, reference.rms_norm(q, weight[:32].half(), 1e-6)[0])
 
 
-def _case_rotary_embedding() -> None:
-    from kernels import triton_ops
-
-    num_heads, num_kv_heads, head_dim = 4, 2, 64
-    cache = rope_cos_sin_cache(100, head_dim)
-    positions = torch.tensor([0, 1, 99, 42, 7])
-    for dtype in (torch.float32, torch.float16):
-        qkv = torch.randn(5, (num_heads + 2 * num_kv_heads) * head_dim).to(dtype)
-        expected = qkv.clone()
-        for t in (qkv, expected):
-            q, k, _ = t.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
-            rotate = triton_ops.rotary_embedding if t is qkv else reference.rotary_embedding
-            rotate(positions, q.view(5, num_heads, head_dim), k.view(5, num_kv_heads, head_dim), cache)
-        torch.testing.assert_close(qkv, expected)  # values untouched too
-
-
 def _case_silu_and_mul() -> None:
     from kernels import triton_ops
 
@@ -290,11 +316,11 @@ INTERPRETER_CASES: dict[str, Callable[[], None]] = {
     "attention_mixed_group4_page16_dim128": _attention_mixed_case(4, 1, 128, 16),
     "attention_mixed_group8_page32_dim64": _attention_mixed_case(8, 1, 64, 32),
     "attention_decode_lengths": _case_attention_decode_lengths,
+    "attention_decode_order": _case_attention_decode_order,
     "attention_float16": _case_attention_float16,
     "attention_empty": _case_attention_empty,
-    "write_kv_cache": _case_write_kv_cache,
+    "norm_rope_write_kv": _case_norm_rope_write_kv,
     "rms_norm": _case_rms_norm,
-    "rotary_embedding": _case_rotary_embedding,
     "silu_and_mul": _case_silu_and_mul,
 }
 

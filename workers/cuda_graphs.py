@@ -60,6 +60,13 @@ class CudaGraphRunner:
             block_tables=self.block_tables[:num_reqs],
         )
 
+    def _forward(self, num_reqs: int, num_tokens: int, query_len: int) -> torch.Tensor:
+        metadata = self._metadata(num_reqs, num_tokens)
+        if query_len == 1:
+            # Sorted inside the graph, on each replay's sequence lengths.
+            metadata.decode_order = torch.argsort(metadata.seq_lens, descending=True)
+        return self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], metadata)
+
     @torch.inference_mode()
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
@@ -71,12 +78,10 @@ class CudaGraphRunner:
             self.query_start_loc[:num_reqs + 1].copy_(torch.arange(num_reqs + 1) * query_len)
             self.query_start_loc[num_reqs] = num_tokens
             self.seq_lens.fill_(query_len)
-            metadata = self._metadata(num_reqs, num_tokens)
-            self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], metadata)  # warm-up
+            self._forward(num_reqs, num_tokens, query_len)  # warm-up
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[batch, query_len] = self.model(self.input_ids[:num_tokens],
-                                                            self.positions[:num_tokens], metadata)
+                self.outputs[batch, query_len] = self._forward(num_reqs, num_tokens, query_len)
             self.graphs[batch, query_len] = graph
         torch.cuda.synchronize()
 

@@ -13,8 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels import ops
-
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -65,11 +63,12 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any], config: Any
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates queries and keys in place (neox style) by their positions.
+    """The cos/sin cache `[max_position, head_dim]` = cat(cos, sin) that rotates queries and keys
+    (neox style) by their positions, in the attention layer's fused kernel.
 
-    The cache `[max_position, head_dim]` = cat(cos, sin) stays float32 whatever the model dtype:
-    transformers computes cos/sin in float32 too, and it is tiny. It is a non-persistent buffer,
-    so `model.to(device)` moves it and checkpoints never carry it.
+    It stays float32 whatever the model dtype: transformers computes cos/sin in float32 too, and
+    it is tiny. It is a non-persistent buffer, so `model.to(device)` moves it and checkpoints
+    never carry it.
     """
 
     def __init__(self, max_position: int, inv_freq: torch.Tensor) -> None:
@@ -78,6 +77,3 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[:, None] * inv_freq[None, :]
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1),
                              persistent=False)
-
-    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
-        ops.rotary_embedding(positions, query, key, self.cos_sin_cache)
