@@ -6,7 +6,8 @@
 Prompts ask the model to repeat or lightly edit a given paragraph, where prompt lookup finds
 long matches. For each batch size, the same greedy requests run through Octavo's engine
 without speculation (its default: async scheduling, CUDA graphs) and with each speculative
-config; outputs must be identical. It prints output tokens/s, the speed-up, the acceptance
+config, and counts the outputs identical to those without (all of them in float32; in
+bfloat16 a different batch shape may flip a near-tie, as it may between any two batchings). It prints output tokens/s, the speed-up, the acceptance
 rate and the mean acceptance length; at batch 1 it also runs transformers' greedy `generate`,
 plain and with its own prompt lookup (`prompt_lookup_num_tokens`), on the same model and GPU.
 """
@@ -81,6 +82,8 @@ def bench_engine(model: str | None, dtype: str, spec: dict | None, batch_sizes: 
     for batch in batch_sizes:
         outputs, seconds, counts = [], 0.0, {"drafts": 0, "draft_tokens": 0, "accepted": 0}
         prompts = build_prompts(llm.tokenizer, batch * rounds)
+        # Untimed: kernel variants first met at this batch size compile here.
+        run_engine(llm, prompts[:batch], SamplingParams(temperature=0.0, max_tokens=max_tokens))
         for r in range(rounds):
             tokens, s, c = run_engine(llm, prompts[r * batch:(r + 1) * batch], params)
             outputs += tokens
@@ -137,14 +140,15 @@ def main() -> None:
                      bench_engine(args.model, args.dtype, spec, args.batch_sizes, args.rounds, args.max_tokens,
                                   args.max_model_len)))
 
-    print(f"\n{'engine':<40} {'batch':>5} {'tok/s':>9} {'speed-up':>8} {'accept':>7} {'mean len':>8} {'same':>5}")
+    print(f"\n{'engine':<40} {'batch':>5} {'tok/s':>9} {'speed-up':>8} {'accept':>7} {'mean len':>8} {'same':>9}")
     for name, spec, results in rows:
         for batch, r in results.items():
             speedup = r["tok_s"] / base[batch]["tok_s"]
             accept = f"{r['accepted'] / r['draft_tokens']:.1%}" if r["draft_tokens"] else "-"
             mean_len = f"{1 + r['accepted'] / r['drafts']:.2f}" if r["drafts"] else "-"
-            same = r["outputs"] == base[batch]["outputs"]
-            print(f"{name:<40} {batch:>5} {r['tok_s']:>9.1f} {speedup:>7.2f}x {accept:>7} {mean_len:>8} {str(same):>5}")
+            same = sum(a == b for a, b in zip(r["outputs"], base[batch]["outputs"]))
+            print(f"{name:<40} {batch:>5} {r['tok_s']:>9.1f} {speedup:>7.2f}x {accept:>7} {mean_len:>8} "
+                  f"{same:>4}/{len(r['outputs'])}")
 
     if args.hf_prompts and torch.cuda.is_available():
         from transformers import AutoTokenizer
