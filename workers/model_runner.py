@@ -26,7 +26,7 @@ from workers.attention import AttentionMetadata
 from workers.cuda_graphs import CudaGraphRunner
 from workers.input_batch import InputBatch
 from workers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs_rows
-from workers.spec_decode import DraftProposer, SpecLayout, emitted_per_row, verify_drafts
+from workers.spec_decode import DraftProposer, SpecLayout, accept_greedy, emitted_per_row, verify_drafts
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) over 64 bits
 
@@ -52,6 +52,10 @@ class PendingStep:
     prompt_logprobs: dict[str, Logprobs]
     propose_drafts: bool = False
     spec_layout: SpecLayout | None = None  # with drafts verified this step
+    # Drafts of an all-greedy step, verified on the host once sampled_host (then the argmax at
+    # every logits row) is there.
+    greedy_draft_token_ids: np.ndarray | None = None
+    tokens: np.ndarray | None = None  # the new tokens, [requests, 1 + max drafts], once known
     written: bool = False  # sampled ids appended to the batch's host token ids
 
 
@@ -207,8 +211,13 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[to_device(logits_indices)], float32=False)
         metadata = self._sampling_metadata(logits_rows, logits_seq_lens)
         out = self.sampler(logits, metadata)
+        greedy_draft_token_ids = None
         if layout is None:
             sampled = out.sampled_token_ids.unsqueeze(1)
+        elif metadata.all_greedy and out.logprobs is None:
+            sampled = out.sampled_token_ids
+            greedy_draft_token_ids = batch.token_ids[logits_rows[layout.draft_logits_index],
+                                                     logits_seq_lens[layout.draft_logits_index]]
         else:
             draft_token_ids = batch.token_ids[logits_rows[layout.draft_logits_index],
                                               logits_seq_lens[layout.draft_logits_index]]
@@ -221,7 +230,7 @@ class ModelRunner:
                                                         metadata.max_num_logprobs)
                 out = SamplerOutput(out.sampled_token_ids, ids, lps, ranks)
 
-        self.prev_sampled = sampled[:, 0]
+        self.prev_sampled = sampled[:, 0] if sampled.dim() == 2 else sampled
         self.prev_sampled_index.fill(-1)
         self.prev_sampled_index[sample_rows] = np.arange(len(sample_rows))
         sampled_host = torch.empty(sampled.shape, dtype=torch.long, pin_memory=self.device.type == "cuda")
@@ -232,7 +241,7 @@ class ModelRunner:
             ready.record()
         self.pending.append(PendingStep(sample_ids, sample_rows, sampled_host, ready, out,
                                         batch.num_logprobs[sample_rows].tolist(), prompt_logprobs,
-                                        propose, layout))
+                                        propose, layout, greedy_draft_token_ids))
 
     def _place_drafts(self, spec_token_ids: dict[str, list[int]], request_ids: list[str],
                       rows: np.ndarray) -> np.ndarray:
@@ -254,7 +263,7 @@ class ModelRunner:
         """The oldest launched step's result, waiting for the device if it is still running."""
         step = self.pending.popleft()
         self._write_back(step)
-        sampled = step.sampled_host.tolist() if step.sampled_host is not None else []
+        sampled = step.tokens.tolist() if step.tokens is not None else []
         if step.spec_layout is not None:
             sampled = [row[:row.index(-1)] if -1 in row else row for row in sampled]
         return ModelRunnerOutput(
@@ -290,11 +299,14 @@ class ModelRunner:
         if step.ready is not None:
             step.ready.synchronize()
         step.written = True
+        step.tokens = step.sampled_host.numpy()
+        if step.greedy_draft_token_ids is not None:
+            step.tokens = accept_greedy(step.tokens, step.greedy_draft_token_ids, step.spec_layout)
         batch = self.batch
         live = np.fromiter((batch.req_id_to_row.get(r, -1) == row for r, row in zip(step.request_ids, step.rows)),
                            bool, len(step.rows))
         rows = step.rows[live]
-        sampled = step.sampled_host.numpy()[live]
+        sampled = step.tokens[live]
         if sampled.shape[1] == 1:
             batch.token_ids[rows, batch.num_tokens[rows]] = sampled[:, 0]
             batch.num_tokens[rows] += 1

@@ -64,26 +64,32 @@ class SpecLayout:
                           np.flatnonzero(is_draft_row), padded_index, max_num_draft)
 
 
+def accept_greedy(sampled: np.ndarray, draft_token_ids: np.ndarray, layout: SpecLayout) -> np.ndarray:
+    """Each request's new tokens, [B, K + 1] padded with -1, for greedy requests, on the host
+    once the sampled ids are there: a draft is accepted while it equals the argmax the sampler
+    took at its position, and the argmax at the first mismatch, or after the last draft, ends
+    the run. (Cheaper than a dozen tiny kernels and copies at the small batches where
+    speculation pays.)
+
+    sampled: [N], the argmax at every logits row; draft_token_ids: [T]."""
+    k = layout.max_num_draft
+    tokens = np.where(layout.padded_index >= 0, sampled[layout.padded_index], -1)
+    drafts = np.full((len(layout.num_draft), k), -1, dtype=np.int64)
+    request_of_draft = np.repeat(np.arange(len(layout.num_draft)), layout.num_draft)
+    drafts[request_of_draft, layout.index_in_request[layout.draft_logits_index]] = draft_token_ids
+    num_accepted = np.cumprod(tokens[:, :k] == drafts, axis=1).sum(axis=1)
+    return np.where(np.arange(k + 1) <= num_accepted[:, None], tokens, -1)
+
+
 def verify_drafts(logits: torch.Tensor, metadata: SamplingMetadata, sampled: torch.Tensor,
                   layout: SpecLayout, draft_token_ids: torch.Tensor, keys: torch.Tensor,
                   to_device) -> torch.Tensor:
-    """Each request's new tokens, [B, K + 1] padded with -1.
+    """Each request's new tokens, [B, K + 1] padded with -1, by the rejection sampler (greedy
+    and sampled requests alike).
 
     logits: [N, vocab], a row per position sampled; sampled: [N], the sampler's token at each
     (for greedy rows the argmax); draft_token_ids: [T]; keys: [B] random keys."""
     padded_index = to_device(layout.padded_index)
-    tokens = sampled[padded_index.clamp(min=0)]
-    if metadata.all_greedy:
-        # A draft is accepted while it equals the argmax the sampler took at its position;
-        # the argmax at the first mismatch, or after the last draft, ends the run.
-        k = layout.max_num_draft
-        drafts = torch.full((len(layout.num_draft), k), -1, dtype=torch.long, device=logits.device)
-        request_of_draft = np.repeat(np.arange(len(layout.num_draft)), layout.num_draft)
-        drafts[to_device(request_of_draft), to_device(layout.index_in_request[layout.draft_logits_index])] = \
-            draft_token_ids
-        num_accepted = (tokens[:, :k] == drafts).int().cumprod(dim=1).sum(dim=1)
-        keep = (torch.arange(k + 1, device=logits.device) <= num_accepted.unsqueeze(1)) & (padded_index >= 0)
-        return torch.where(keep, tokens, -1)
     draft_rows = to_device(layout.draft_logits_index)
     target_probs = Sampler.compute_probs(logits[draft_rows].float(), _select(metadata, draft_rows))
     bonus_rows = padded_index.gather(1, to_device(layout.num_draft).unsqueeze(1)).squeeze(1)
