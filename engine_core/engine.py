@@ -60,6 +60,11 @@ class EngineCore:
         # Steps launched on the device and not yet collected, oldest first.
         self.in_flight: deque[SchedulerOutput] = deque()
         self.max_in_flight = 2 if async_scheduling else 1
+        # Without async scheduling on a GPU (speculative decoding: the next step's drafts need
+        # this step's tokens), a step is collected first and the next launched before its
+        # outputs are returned, so the device computes while the caller handles them. On the
+        # CPU the forward runs inside the launch, so that would only delay the outputs.
+        self.collect_first = not async_scheduling and info.device.startswith("cuda")
         logger.info("model %s on %s (%s): KV cache of %d tokens, max concurrency %.2fx at "
                     "max_model_len %d", info.model_path, info.device, info.dtype, kv_capacity,
                     self.ready.max_concurrency, self.max_model_len)
@@ -99,19 +104,32 @@ class EngineCore:
     def step(self) -> EngineCoreOutputs:
         """Schedule and launch a step, then collect the oldest one in flight: with two in
         flight, the host schedules step N+1 and processes step N's outputs while the device
-        computes."""
+        computes. (With `collect_first`, the other way round.)"""
         rejected, self.rejected = self.rejected, []
-        launched = False
-        if self.scheduler.has_unfinished_requests() and len(self.in_flight) < self.max_in_flight:
-            scheduler_output = self.scheduler.schedule()
-            self.executor.launch(scheduler_output)
-            self.in_flight.append(scheduler_output)
-            launched = True
+        if self.collect_first:
+            outputs, num_tokens = self._collect() if self.in_flight else ([], 0)
+            self._launch()
+            return self.scheduler.make_outputs(rejected + outputs, num_tokens)
+        launched = self._launch()
         if not self.in_flight or (launched and len(self.in_flight) < self.max_in_flight):
             return self.scheduler.make_outputs(rejected, 0)
+        outputs, num_tokens = self._collect()
+        return self.scheduler.make_outputs(rejected + outputs, num_tokens)
+
+    def _launch(self) -> bool:
+        """Schedule and launch a step, if there is work and room in flight."""
+        if not self.scheduler.has_unfinished_requests() or len(self.in_flight) >= self.max_in_flight:
+            return False
+        scheduler_output = self.scheduler.schedule()
+        self.executor.launch(scheduler_output)
+        self.in_flight.append(scheduler_output)
+        return True
+
+    def _collect(self) -> tuple[list[EngineCoreOutput], int]:
+        """The oldest step in flight's outputs, and its number of tokens."""
         scheduler_output = self.in_flight.popleft()
         outputs = self.scheduler.update_from_output(scheduler_output, self.executor.collect())
-        return self.scheduler.make_outputs(rejected + outputs, scheduler_output.total_num_scheduled_tokens)
+        return outputs, scheduler_output.total_num_scheduled_tokens
 
     # ---- utility RPC targets ----
 

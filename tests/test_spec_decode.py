@@ -203,3 +203,16 @@ def test_draft_model_must_share_the_vocabulary(target, tmp_path):
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=f"vocab_size must be <= the target's \\({VOCAB}\\)"):
         LLM(path, speculative_config={"method": "draft_model", "model": str(tmp_path), "num_speculative_tokens": 2})
+
+
+def test_collect_first_ordering_keeps_outputs(target):
+    """On a GPU without async scheduling the engine collects a step before launching the next,
+    and returns its outputs one call later; the same order on the CPU must give the same tokens."""
+    hf_model, path = target
+    llm = LLM(path, kv_cache_memory=1 << 24, speculative_config=NGRAM)
+    llm.engine.collect_first = True
+    prompts = prompts_with_repeats()
+    got, counts = run(llm, prompts, GREEDY)
+    for prompt, tokens in zip(prompts, got):
+        assert tokens == hf_greedy(hf_model, prompt, MAX_TOKENS)[0]
+    assert counts["accepted"] > 0

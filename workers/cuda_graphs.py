@@ -48,6 +48,7 @@ class CudaGraphRunner:
         self.seq_lens = torch.ones(n + 1, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 2, dtype=torch.int32, device=device)
         self.decode_query_start_loc = self.query_start_loc.clone()
+        self.arange = torch.arange(num_tokens, device=device)  # the padding request's positions
         self.block_tables = torch.zeros(n + 1, max_blocks_per_req, dtype=torch.int32, device=device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -127,5 +128,4 @@ class CudaGraphRunner:
         self.seq_lens[num_reqs:num_reqs + 1].fill_(max(num_spare, 1))
         self.block_tables[num_reqs:batch + 1].zero_()
         self.slot_mapping[num_tokens:graph_tokens].fill_(-1)
-        self.positions[num_tokens:graph_tokens].copy_(
-            torch.arange(num_spare, device=self.positions.device), non_blocking=True)
+        self.positions[num_tokens:graph_tokens].copy_(self.arange[:num_spare], non_blocking=True)
