@@ -6,10 +6,11 @@
 Prompts ask the model to repeat or lightly edit a given paragraph, where prompt lookup finds
 long matches. For each batch size, the same greedy requests run through Octavo's engine
 without speculation (its default: async scheduling, CUDA graphs) and with each speculative
-config, and counts the outputs identical to those without (all of them in float32; in
-bfloat16 a different batch shape may flip a near-tie, as it may between any two batchings). It prints output tokens/s, the speed-up, the acceptance
-rate and the mean acceptance length; at batch 1 it also runs transformers' greedy `generate`,
-plain and with its own prompt lookup (`prompt_lookup_num_tokens`), on the same model and GPU.
+config. It prints output tokens/s, the speed-up, the acceptance rate, the mean acceptance
+length, and how many outputs are identical to those without speculation (all of them in
+float32; in bfloat16 a different batch shape may flip a near-tie, as between any two
+batchings). At batch 1 it also runs transformers' greedy `generate`, plain and with its own
+prompt lookup (`prompt_lookup_num_tokens`), on the same model and GPU.
 """
 
 from __future__ import annotations

@@ -63,3 +63,9 @@ class Attention(nn.Module):
                                   attn_metadata.seq_lens, attn_metadata.block_tables, self.scale,
                                   attn_metadata.decode_order)
         return out.view(-1, self.num_heads * self.head_dim)
+
+
+def bind_kv_caches(model: nn.Module, kv_caches: list[torch.Tensor]) -> None:
+    """Give each attention layer of the model its KV cache tensor, in layer order."""
+    for layer, kv_cache in zip(model.attention_layers(), kv_caches, strict=True):
+        layer.kv_cache = kv_cache

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from workers.attention import AttentionMetadata
+from workers.attention import AttentionMetadata, bind_kv_caches
 from workers.cuda_graphs import CudaGraphRunner
 from workers.input_batch import InputBatch
 
@@ -30,8 +30,7 @@ class DraftModelProposer:
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], batch: InputBatch, block_size: int,
                  num_speculative_tokens: int, device: torch.device, use_cuda_graphs: bool) -> None:
         self.model = model
-        for layer, kv_cache in zip(model.attention_layers(), kv_caches):
-            layer.kv_cache = kv_cache
+        bind_kv_caches(model, kv_caches)
         self.batch = batch
         self.block_size = block_size
         self.k = num_speculative_tokens

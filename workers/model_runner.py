@@ -22,7 +22,7 @@ from torch import nn
 
 from engine_core.protocol import Logprobs, ModelRunnerOutput, SchedulerOutput
 from kernels import ops
-from workers.attention import AttentionMetadata
+from workers.attention import AttentionMetadata, bind_kv_caches
 from workers.cuda_graphs import CudaGraphRunner
 from workers.input_batch import InputBatch
 from workers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs_rows
@@ -44,7 +44,8 @@ class PendingStep:
     request_ids: list[str]  # requests that sample, in batch order
     rows: np.ndarray  # their rows at launch
     # Pinned host copy of the sampled ids, filled asynchronously: [requests, 1 + max drafts],
-    # each row the request's new tokens padded with -1.
+    # each row the request's new tokens padded with -1 (or, with greedy_draft_token_ids, the
+    # argmax at every logits row).
     sampled_host: torch.Tensor | None
     ready: torch.cuda.Event | None  # recorded after that copy; None on the CPU
     sampler_output: SamplerOutput | None
@@ -67,8 +68,7 @@ class ModelRunner:
                  make_proposer: Callable[[InputBatch], DraftProposer] | None = None) -> None:
         self.model = model
         self.kv_caches = kv_caches
-        for layer, kv_cache in zip(model.attention_layers(), kv_caches):
-            layer.kv_cache = kv_cache
+        bind_kv_caches(model, kv_caches)
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.device = device
@@ -177,13 +177,14 @@ class ModelRunner:
         if len(in_flight):
             source = self.prev_sampled_index[req_index[in_flight]]
             input_ids_device[to_device(in_flight)] = self.prev_sampled[to_device(source)]
+        positions_device = to_device(positions)
         max_query_len = int(num_scheduled.max())
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(len(rows), max_query_len):
-            hidden = self.cuda_graphs.run(input_ids_device, to_device(positions), attn_metadata, max_query_len)
+            hidden = self.cuda_graphs.run(input_ids_device, positions_device, attn_metadata, max_query_len)
         else:
-            hidden = self.model(input_ids_device, to_device(positions), attn_metadata)
+            hidden = self.model(input_ids_device, positions_device, attn_metadata)
         if self.proposer is not None:
-            self.proposer.prepare(input_ids_device, to_device(positions), attn_metadata, max_query_len)
+            self.proposer.prepare(input_ids_device, positions_device, attn_metadata, max_query_len)
 
         # Requests whose computed tokens caught up with their tokens sample a new one; the
         # others were mid-prefill.
@@ -214,13 +215,15 @@ class ModelRunner:
         greedy_draft_token_ids = None
         if layout is None:
             sampled = out.sampled_token_ids.unsqueeze(1)
+            # Async scheduling (never with drafts) feeds these to the next step on the device.
+            self.prev_sampled = out.sampled_token_ids
+            self.prev_sampled_index.fill(-1)
+            self.prev_sampled_index[sample_rows] = np.arange(len(sample_rows))
         elif metadata.all_greedy and out.logprobs is None:
             sampled = out.sampled_token_ids
-            greedy_draft_token_ids = batch.token_ids[logits_rows[layout.draft_logits_index],
-                                                     logits_seq_lens[layout.draft_logits_index]]
+            greedy_draft_token_ids = self._draft_token_ids(layout, logits_rows, logits_seq_lens)
         else:
-            draft_token_ids = batch.token_ids[logits_rows[layout.draft_logits_index],
-                                              logits_seq_lens[layout.draft_logits_index]]
+            draft_token_ids = self._draft_token_ids(layout, logits_rows, logits_seq_lens)
             sampled = verify_drafts(logits, metadata, out.sampled_token_ids, layout, to_device(draft_token_ids),
                                     self._request_keys(sample_rows, seq_lens[sampling]), to_device)
             if out.logprobs is not None:
@@ -230,9 +233,6 @@ class ModelRunner:
                                                         metadata.max_num_logprobs)
                 out = SamplerOutput(out.sampled_token_ids, ids, lps, ranks)
 
-        self.prev_sampled = sampled[:, 0] if sampled.dim() == 2 else sampled
-        self.prev_sampled_index.fill(-1)
-        self.prev_sampled_index[sample_rows] = np.arange(len(sample_rows))
         sampled_host = torch.empty(sampled.shape, dtype=torch.long, pin_memory=self.device.type == "cuda")
         sampled_host.copy_(sampled, non_blocking=True)
         ready = None
@@ -242,6 +242,12 @@ class ModelRunner:
         self.pending.append(PendingStep(sample_ids, sample_rows, sampled_host, ready, out,
                                         batch.num_logprobs[sample_rows].tolist(), prompt_logprobs,
                                         propose, layout, greedy_draft_token_ids))
+
+    def _draft_token_ids(self, layout: SpecLayout, logits_rows: np.ndarray, logits_seq_lens: np.ndarray) -> np.ndarray:
+        """The draft each draft-verifying logits row checks: the token right after that row's
+        position."""
+        index = layout.draft_logits_index
+        return self.batch.token_ids[logits_rows[index], logits_seq_lens[index]]
 
     def _place_drafts(self, spec_token_ids: dict[str, list[int]], request_ids: list[str],
                       rows: np.ndarray) -> np.ndarray:

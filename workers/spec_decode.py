@@ -89,10 +89,9 @@ def verify_drafts(logits: torch.Tensor, metadata: SamplingMetadata, sampled: tor
 
     logits: [N, vocab], a row per position sampled; sampled: [N], the sampler's token at each
     (for greedy rows the argmax); draft_token_ids: [T]; keys: [B] random keys."""
-    padded_index = to_device(layout.padded_index)
     draft_rows = to_device(layout.draft_logits_index)
     target_probs = Sampler.compute_probs(logits[draft_rows].float(), _select(metadata, draft_rows))
-    bonus_rows = padded_index.gather(1, to_device(layout.num_draft).unsqueeze(1)).squeeze(1)
+    bonus_rows = to_device(layout.cu_num_logits + layout.num_draft)  # each request's row after its drafts
     cu_num_draft = np.concatenate(([0], np.cumsum(layout.num_draft))).astype(np.int32)
     return ops.rejection_sample(draft_token_ids, to_device(cu_num_draft), target_probs, None,
                                 sampled[bonus_rows], metadata.temperature[bonus_rows] < _GREEDY_EPS,
