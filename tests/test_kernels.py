@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import reference
-from triton_interpreter import run_cases, run_in_subprocess
+from triton_interpreter import interpreter_tests, run_cases
 
 
 
@@ -325,16 +325,7 @@ INTERPRETER_CASES: dict[str, Callable[[], None]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def interpreter_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str | None]:
-    pytest.importorskip("triton")
-    return run_in_subprocess(__file__, tmp_path_factory.mktemp("triton_interpreter"))
-
-
-@pytest.mark.parametrize("case", list(INTERPRETER_CASES))
-def test_triton_kernel_matches_reference(interpreter_results: dict[str, str | None], case: str) -> None:
-    error = interpreter_results[case]
-    assert error is None, error
+interpreter_results, test_triton_kernel_matches_reference = interpreter_tests(__file__, INTERPRETER_CASES)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +42,20 @@ def run_cases(cases: dict[str, Case], results_path: str) -> None:
         except Exception:
             results[name] = traceback.format_exc()
     Path(results_path).write_text(json.dumps(results))
+
+
+def interpreter_tests(test_file: str, cases: dict[str, Case]) -> tuple[Callable, Callable]:
+    """The pytest side of a test file's cases: a module fixture that runs them all in one
+    interpreter subprocess, and a test per case. Assign both at module level:
+    `interpreter_results, test_triton_kernel = interpreter_tests(__file__, CASES)`."""
+    @pytest.fixture(scope="module")
+    def interpreter_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str | None]:
+        pytest.importorskip("triton")
+        return run_in_subprocess(test_file, tmp_path_factory.mktemp("triton_interpreter"))
+
+    @pytest.mark.parametrize("case", list(cases))
+    def test_triton_kernel(interpreter_results: dict[str, str | None], case: str) -> None:
+        error = interpreter_results[case]
+        assert error is None, error
+
+    return interpreter_results, test_triton_kernel
