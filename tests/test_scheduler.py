@@ -9,6 +9,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine_core.config import SpeculativeConfig
 from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.protocol import EngineCoreRequest, ModelRunnerOutput, SamplingParams
 from engine_core.request import Request, RequestStatus
@@ -90,6 +91,84 @@ def test_random_add_abort_finish(ops, num_blocks, block_size, budget, max_num_se
     assert not scheduler.has_unfinished_requests()
     assert kv.num_free_blocks == num_blocks
     assert not kv.req_to_blocks
+
+
+def spec_step(scheduler: Scheduler, kv: KVCacheManager, rng: random.Random, vocab: int,
+              outputs: dict[str, int]) -> None:
+    """A step with speculative decoding: each due request accepts a random prefix of its
+    drafts, gets one more token, and a random new proposal."""
+    k = scheduler.speculative_config.num_speculative_tokens
+    before = {rid: (r.num_computed_tokens, r.num_tokens) for rid, r in scheduler.requests.items()}
+    out = scheduler.schedule()
+    assert out.total_num_scheduled_tokens <= scheduler.max_num_batched_tokens
+    for rid, drafts in out.scheduled_spec_token_ids.items():
+        request = scheduler.requests[rid]
+        num_computed, num_tokens = before[rid]
+        assert 1 <= len(drafts) <= k
+        # Drafts ride right after the known tokens, and leave room for the token after them.
+        assert out.num_scheduled_tokens[rid] == num_tokens - num_computed + len(drafts)
+        room = request.sampling_params.max_tokens - request.num_output_tokens
+        assert len(drafts) <= room - 1 and num_tokens + len(drafts) < scheduler.max_model_len
+    for rid in out.num_scheduled_tokens:
+        request = scheduler.requests[rid]
+        slots = len(kv.req_to_blocks[rid]) * kv.block_size
+        assert slots >= min(request.num_computed_tokens + scheduler.num_lookahead_tokens, scheduler.max_model_len)
+    due = [rid for rid in out.num_scheduled_tokens
+           if scheduler.requests[rid].num_computed_tokens
+           >= scheduler.requests[rid].num_tokens + len(out.scheduled_spec_token_ids.get(rid, ()))]
+    sampled, proposals = [], {}
+    for rid in due:
+        drafts = out.scheduled_spec_token_ids.get(rid, [])
+        sampled.append(drafts[:rng.randint(0, len(drafts))] + [rng.randrange(vocab)])
+        if out.propose_drafts and rng.random() < 0.8:
+            proposals[rid] = [rng.randrange(1, vocab) for _ in range(rng.randint(0, k))]
+    for rid, output in zip(due, scheduler.update_from_output(
+            out, ModelRunnerOutput(request_ids=due, sampled_token_ids=sampled, draft_token_ids=proposals))):
+        outputs[rid] = outputs.get(rid, 0) + len(output.new_token_ids)
+        request = scheduler.requests.get(rid)
+        if request is not None:
+            assert request.num_computed_tokens <= request.num_tokens
+            assert request.num_output_placeholders == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=ops, num_blocks=st.integers(8, 48), block_size=st.sampled_from([2, 4, 16]),
+       budget=st.integers(1, 64), max_num_seqs=st.integers(1, 8), caching=st.booleans(),
+       method=st.sampled_from(["ngram", "draft_model"]), k=st.integers(1, 5),
+       disable_by_batch_size=st.sampled_from([None, 1, 3]))
+def test_random_with_speculation(ops, num_blocks, block_size, budget, max_num_seqs, caching, method, k,
+                                 disable_by_batch_size):
+    spec = SpeculativeConfig(method=method, num_speculative_tokens=k, model="draft" if method == "draft_model" else None,
+                             disable_by_batch_size=disable_by_batch_size)
+    max_model_len = min(num_blocks * block_size, 96)
+    kv = KVCacheManager(num_blocks, block_size, caching)
+    scheduler = Scheduler(kv, budget, max_num_seqs, max_model_len, spec)
+    vocab = 4
+    outputs: dict[str, int] = {}
+    max_tokens: dict[str, int] = {}
+    for n, (op, seed) in enumerate(ops):
+        rng = random.Random(seed)
+        if op == "add":
+            prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(1, max_model_len))]
+            params = SamplingParams(max_tokens=rng.randint(1, 20), ignore_eos=rng.random() < 0.3)
+            scheduler.add_request(Request(EngineCoreRequest(str(n), prompt, params), frozenset({EOS})))
+            max_tokens[str(n)] = params.max_tokens
+        elif op == "abort" and scheduler.requests:
+            scheduler.abort_requests([rng.choice(sorted(scheduler.requests))])
+        else:
+            spec_step(scheduler, kv, rng, vocab, outputs)
+        check_invariants(scheduler, kv)
+
+    rng = random.Random(0)
+    for _ in range(10_000):
+        if not scheduler.has_unfinished_requests():
+            break
+        spec_step(scheduler, kv, rng, vocab, outputs)
+        check_invariants(scheduler, kv)
+    assert not scheduler.has_unfinished_requests()
+    assert kv.num_free_blocks == num_blocks
+    # A request never gets more than max_tokens tokens, however many drafts were accepted.
+    assert all(count <= max_tokens[rid] for rid, count in outputs.items())
 
 
 def _request(request_id: str, prompt: list[int], max_tokens: int = 4) -> Request:
