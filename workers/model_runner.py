@@ -285,8 +285,7 @@ class ModelRunner:
         whose sampling reads their own tokens (penalties, logit bias, min_tokens) never
         speculate: their distribution would shift with every draft before it."""
         batch = self.batch
-        live = np.fromiter((batch.req_id_to_row.get(r, -1) == row for r, row in zip(step.request_ids, step.rows)),
-                           bool, len(step.rows))
+        live = self._live(step)
         rows = step.rows[live]
         if not len(rows):
             return {}
@@ -296,6 +295,12 @@ class ModelRunner:
         drafts, num_draft = self.proposer.propose(batch.token_ids, batch.num_tokens, rows, max_num_draft)
         request_ids = [r for r, keep in zip(step.request_ids, live) if keep]
         return {request_ids[i]: drafts[i, :num_draft[i]].tolist() for i in np.flatnonzero(num_draft)}
+
+    def _live(self, step: PendingStep) -> np.ndarray:
+        """Which of the step's sampling requests still hold the row they had at launch."""
+        row_of = self.batch.req_id_to_row
+        return np.fromiter((row_of.get(r, -1) == row for r, row in zip(step.request_ids, step.rows)),
+                           bool, len(step.rows))
 
     def _write_back(self, step: PendingStep) -> None:
         """Append the step's sampled tokens to the host copy of each request's tokens (once;
@@ -309,8 +314,7 @@ class ModelRunner:
         if step.greedy_draft_token_ids is not None:
             step.tokens = accept_greedy(step.tokens, step.greedy_draft_token_ids, step.spec_layout)
         batch = self.batch
-        live = np.fromiter((batch.req_id_to_row.get(r, -1) == row for r, row in zip(step.request_ids, step.rows)),
-                           bool, len(step.rows))
+        live = self._live(step)
         rows = step.rows[live]
         sampled = step.tokens[live]
         if sampled.shape[1] == 1:
