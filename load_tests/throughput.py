@@ -92,6 +92,7 @@ def run_octavo(model_dir: str, prompts, output_lens, args) -> dict:
     device_profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) \
         if args.profile == "device" else None
     torch.cuda.synchronize()
+    allocator_before = torch.cuda.memory_stats()
     start = time.perf_counter()
     if host_profiler:
         host_profiler.enable()
@@ -109,10 +110,46 @@ def run_octavo(model_dir: str, prompts, output_lens, args) -> dict:
         busy_us = sum(e.device_time_total for e in events)
         print(events.table(sort_by="device_time_total", row_limit=25, max_name_column_width=70))
         print(f"GPU busy {busy_us / 1e6:.2f} s of {elapsed:.2f} s wall")
+        print_idle_timeline(device_profiler.events())
+        # A cudaFree (and so a retry after one) synchronizes the device: the host then stops
+        # running ahead of it.
+        allocator = torch.cuda.memory_stats()
+        print("allocator during the run: " + ", ".join(
+            f"{key} {allocator.get(key, 0) - allocator_before.get(key, 0)}"
+            for key in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")))
     num_out = sum(len(o.token_ids) for o in outputs)
     assert num_out == sum(output_lens), (num_out, sum(output_lens))
     return {"engine": "octavo", "seconds": elapsed, "output_tokens": num_out,
             "tok_per_s": num_out / elapsed, "startup_s": startup}
+
+
+def print_idle_timeline(events, num_bins: int = 20) -> None:
+    """Where the GPU sat idle: kernel and copy intervals merged, then idle time per slice of
+    the run and the largest gaps, to tell start-up, prefill, steady decode and tail apart."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    if not spans:
+        return
+    first, last = spans[0][0], max(end for _, end in spans)
+    gaps, busy_until = [], first
+    for begin, end in spans:
+        if begin > busy_until:
+            gaps.append((busy_until, begin - busy_until))
+        busy_until = max(busy_until, end)
+    width = (last - first) / num_bins
+    begins, lengths = np.array(gaps).reshape(-1, 2).T
+    edges = first + width * np.arange(num_bins + 1)
+    # Each gap's overlap with each slice.
+    idle = np.clip(np.minimum(begins[:, None] + lengths[:, None], edges[None, 1:])
+                   - np.maximum(begins[:, None], edges[None, :-1]), 0, None).sum(axis=0)
+    print(f"GPU idle {lengths.sum() / 1e6:.3f} s between its first and last kernel "
+          f"({(last - first) / 1e6:.2f} s), in {len(gaps)} gaps; per slice of {width / 1e3:.0f} ms:")
+    print("  " + " ".join(f"{i / width:.0%}" for i in idle))
+    sizes = lengths
+    for low, high in ((0, 10), (10, 50), (50, 200), (200, 1000), (1000, float("inf"))):
+        chosen = sizes[(sizes >= low) & (sizes < high)]
+        print(f"  gaps of {low}-{high} us: {len(chosen)}, {chosen.sum() / 1e3:.1f} ms")
+    for begin, length in sorted(gaps, key=lambda g: -g[1])[:10]:
+        print(f"  gap of {length / 1e3:.2f} ms at {(begin - first) / 1e6:.3f} s")
 
 
 def run_hf_continuous(model, prompts, output_lens) -> dict:

@@ -101,6 +101,10 @@ def test_edge_cases() -> None:
     assert propose(proposer, [[1, 2, 3, 4]], [3]) == [[]]  # no match
     assert propose(proposer, [[1, 1], [1], []], [3, 3, 3]) == [[], [], []]  # L <= n
     assert propose(NgramProposer(1, 8, 3), [[1, 1]], [3]) == [[1]]  # max n beyond every row
+    # Small batches search each row's bytes: 1's bytes occur inside those of (256, 0), one byte
+    # off a token boundary, which is no occurrence of the token 1.
+    assert propose(NgramProposer(1, 1, 2), [[256, 0, 5, 1]], [2]) == [[]]
+    assert propose(NgramProposer(1, 1, 2), [[1, 7, 256, 0, 5, 1]], [2]) == [[7, 256]]
     drafts, num_draft = proposer.propose(np.zeros((2, 8), dtype=np.int64), np.zeros(2, dtype=np.int64),
                                          np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
     assert drafts.shape == (0, 3) and num_draft.shape == (0,)

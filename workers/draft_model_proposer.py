@@ -24,6 +24,7 @@ from torch import nn
 from workers.attention import AttentionMetadata, bind_kv_caches
 from workers.cuda_graphs import CudaGraphRunner
 from workers.input_batch import InputBatch
+from workers.upload import upload
 
 
 class DraftModelProposer:
@@ -67,14 +68,14 @@ class DraftModelProposer:
         # Every request's last token, then its drafts one position at a time; a request leaves
         # the batch once it has its drafts.
         last = num_tokens[rows] - 1
-        input_ids = torch.from_numpy(token_ids[rows, last]).to(self.device)
+        input_ids = upload([token_ids[rows, last]], self.device)[0]
         for j in range(self.k):
             active = np.flatnonzero(num_draft > j)
             if not len(active):
                 break
-            active_device = torch.from_numpy(active).to(self.device)
             positions = last[active] + j
-            hidden = self._forward(input_ids[active_device], torch.from_numpy(positions).to(self.device),
+            active_device, positions_device = upload([active, positions], self.device)
+            hidden = self._forward(input_ids[active_device], positions_device,
                                    self._decode_metadata(rows[active], positions), 1)
             next_ids = self.model.compute_logits(hidden).argmax(dim=-1)
             drafts[active_device, j] = next_ids
@@ -87,12 +88,8 @@ class DraftModelProposer:
         slot_mapping = batch.block_table[rows, positions // bs].astype(np.int64) * bs + positions % bs
         # As the model runner's: a block-table width rounded up to 16 keeps to compiled kernels.
         width = min(-(-int(positions.max() // bs + 1) // 16) * 16, batch.block_table.shape[1])
-        def to_device(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
-
-        return AttentionMetadata(
-            slot_mapping=to_device(slot_mapping),
-            query_start_loc=to_device(np.arange(len(rows) + 1, dtype=np.int32)),
-            seq_lens=to_device((positions + 1).astype(np.int32)),
-            block_tables=to_device(batch.block_table[rows, :width]),
-        )
+        slot_mapping, query_start_loc, seq_lens, block_tables = upload(
+            [slot_mapping, np.arange(len(rows) + 1, dtype=np.int32), (positions + 1).astype(np.int32),
+             batch.block_table[rows, :width]], self.device)
+        return AttentionMetadata(slot_mapping=slot_mapping, query_start_loc=query_start_loc, seq_lens=seq_lens,
+                                 block_tables=block_tables)

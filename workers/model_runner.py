@@ -27,8 +27,10 @@ from workers.cuda_graphs import CudaGraphRunner
 from workers.input_batch import InputBatch
 from workers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs_rows
 from workers.spec_decode import DraftProposer, SpecLayout, accept_greedy, emitted_per_row, verify_drafts
+from workers.upload import upload
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) over 64 bits
+_SAMPLED_HOST_BUFFERS = 4
 
 
 def _seed_key(seed: int, num_output: int) -> int:
@@ -78,6 +80,11 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.proposer = make_proposer(self.batch) if make_proposer is not None else None
         self.pending: deque[PendingStep] = deque()
+        # Pinned buffers the sampled ids come back in, used in turn: a step's buffer is reused
+        # only after that step is collected (the engine keeps at most two in flight).
+        self.sampled_host = [torch.empty(max_num_reqs * (1 + num_speculative_tokens), dtype=torch.long,
+                                         pin_memory=device.type == "cuda") for _ in range(_SAMPLED_HOST_BUFFERS)]
+        self.num_launched = 0
         # The last launched step's sampled tokens (on the device) and each row's index in them.
         self.prev_sampled = torch.zeros(0, dtype=torch.long, device=device)
         self.prev_sampled_index = np.full(max_num_reqs, -1, dtype=np.int64)
@@ -163,42 +170,17 @@ class ModelRunner:
         # stride among them: a width rounded up to 16 keeps every step on compiled kernels.
         max_blocks = min(-(-int(batch.num_blocks[rows].max()) // 16) * 16, batch.block_table.shape[1])
 
-        to_device = self._to_device
-        attn_metadata = AttentionMetadata(
-            slot_mapping=to_device(slot_mapping),
-            query_start_loc=to_device(np.concatenate(([0], cu_num_tokens)).astype(np.int32)),
-            seq_lens=to_device(seq_lens.astype(np.int32)),
-            block_tables=to_device(batch.block_table[rows, :max_blocks]),
-        )
-        input_ids_device = to_device(input_ids)
         # Positions past the host's known tokens (and drafts) hold tokens the previous step is
         # sampling.
         in_flight = np.flatnonzero(positions >= batch.num_tokens[req_index] + np.repeat(num_draft, num_scheduled))
-        if len(in_flight):
-            source = self.prev_sampled_index[req_index[in_flight]]
-            input_ids_device[to_device(in_flight)] = self.prev_sampled[to_device(source)]
-        positions_device = to_device(positions)
-        max_query_len = int(num_scheduled.max())
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(len(rows), max_query_len):
-            hidden = self.cuda_graphs.run(input_ids_device, positions_device, attn_metadata, max_query_len)
-        else:
-            hidden = self.model(input_ids_device, positions_device, attn_metadata)
-        if self.proposer is not None:
-            self.proposer.prepare(input_ids_device, positions_device, attn_metadata, max_query_len)
+        source = self.prev_sampled_index[req_index[in_flight]]
 
         # Requests whose computed tokens caught up with their tokens sample a new one; the
-        # others were mid-prefill.
+        # others were mid-prefill. Each samples after its last token and after each draft.
         sampling = seq_lens >= batch.num_tokens[rows]
-        prompt_logprobs = self._prompt_logprobs(hidden, rows, num_computed, num_scheduled,
-                                                cu_num_tokens, request_ids)
         sample_rows = rows[sampling]
         sample_ids = [request_ids[i] for i in np.flatnonzero(sampling)]
-        propose = scheduler_output.propose_drafts and self.proposer is not None
-        if not len(sample_rows):
-            self.pending.append(PendingStep([], sample_rows, None, None, None, [], prompt_logprobs, propose))
-            return
-        # Each sampling request samples after its last token and after each of its drafts.
-        layout = SpecLayout.build(num_draft[sampling]) if num_draft.any() else None
+        layout = SpecLayout.build(num_draft[sampling]) if num_draft.any() and len(sample_rows) else None
         if layout is None:
             logits_indices = cu_num_tokens[sampling] - 1
             logits_rows, logits_seq_lens = sample_rows, seq_lens[sampling]
@@ -208,8 +190,32 @@ class ModelRunner:
             logits_rows = np.repeat(sample_rows, layout.num_logits)
             logits_seq_lens = np.repeat(seq_lens[sampling] - num_draft[sampling], layout.num_logits) \
                 + layout.index_in_request
+
+        (slot_mapping_device, query_start_loc, seq_lens_device, block_tables, input_ids_device, positions_device,
+         in_flight_device, source_device, logits_indices_device) = upload(
+            [slot_mapping, np.concatenate(([0], cu_num_tokens)).astype(np.int32), seq_lens.astype(np.int32),
+             batch.block_table[rows, :max_blocks], input_ids, positions, in_flight, source, logits_indices],
+            self.device)
+        attn_metadata = AttentionMetadata(slot_mapping=slot_mapping_device, query_start_loc=query_start_loc,
+                                          seq_lens=seq_lens_device, block_tables=block_tables)
+        if len(in_flight):
+            input_ids_device[in_flight_device] = self.prev_sampled[source_device]
+        max_query_len = int(num_scheduled.max())
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(len(rows), max_query_len):
+            hidden = self.cuda_graphs.run(input_ids_device, positions_device, attn_metadata, max_query_len)
+        else:
+            hidden = self.model(input_ids_device, positions_device, attn_metadata)
+        if self.proposer is not None:
+            self.proposer.prepare(input_ids_device, positions_device, attn_metadata, max_query_len)
+
+        prompt_logprobs = self._prompt_logprobs(hidden, rows, num_computed, num_scheduled,
+                                                cu_num_tokens, request_ids)
+        propose = scheduler_output.propose_drafts and self.proposer is not None
+        if not len(sample_rows):
+            self.pending.append(PendingStep([], sample_rows, None, None, None, [], prompt_logprobs, propose))
+            return
         # Logits stay in the model's dtype: the fused sampling kernel reads them as they are.
-        logits = self.model.compute_logits(hidden[to_device(logits_indices)], float32=False)
+        logits = self.model.compute_logits(hidden[logits_indices_device], float32=False)
         metadata = self._sampling_metadata(logits_rows, logits_seq_lens)
         out = self.sampler(logits, metadata)
         greedy_draft_token_ids = None
@@ -224,6 +230,7 @@ class ModelRunner:
             greedy_draft_token_ids = self._draft_token_ids(layout, logits_rows, logits_seq_lens)
         else:
             draft_token_ids = self._draft_token_ids(layout, logits_rows, logits_seq_lens)
+            to_device = self._to_device
             sampled = verify_drafts(logits, metadata, out.sampled_token_ids, layout, to_device(draft_token_ids),
                                     self._request_keys(sample_rows, seq_lens[sampling]), to_device)
             if out.logprobs is not None:
@@ -233,8 +240,10 @@ class ModelRunner:
                                                         metadata.max_num_logprobs)
                 out = SamplerOutput(out.sampled_token_ids, ids, lps, ranks)
 
-        sampled_host = torch.empty(sampled.shape, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        sampled_host.copy_(sampled, non_blocking=True)
+        assert len(self.pending) < len(self.sampled_host), "more steps in flight than sampled-id buffers"
+        sampled_host = self.sampled_host[self.num_launched % len(self.sampled_host)][:sampled.numel()]
+        sampled_host = sampled_host.view(sampled.shape).copy_(sampled, non_blocking=True)
+        self.num_launched += 1
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -327,14 +336,13 @@ class ModelRunner:
         batch.num_tokens[rows] += valid.sum(axis=1)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device, non_blocking=True)
+        return upload([array], self.device)[0]
 
     def _sampling_metadata(self, rows: np.ndarray, seq_lens: np.ndarray) -> SamplingMetadata:
         """seq_lens: each row's tokens up to the one it samples after. Output counts derive
         from it rather than from the host's tokens, which may lag a step in flight."""
         b = self.batch
         num_output = seq_lens - b.num_prompt_tokens[rows]
-        to_device = self._to_device
         temperature = b.temperature[rows]
         greedy = temperature < 1e-5
         top_k = b.top_k[rows]
@@ -351,7 +359,7 @@ class ModelRunner:
                 self._write_back(step)
             output_counts, prompt_mask = self._token_counts(rows)
 
-        row_of = {int(r): i for i, r in enumerate(rows)}
+        row_of = {int(r): i for i, r in enumerate(rows)} if b.logit_bias or b.stop_token_ids else {}
         bias_rows, bias_ids, bias_values = [], [], []
         for row, bias in b.logit_bias.items():
             if row in row_of:
@@ -368,7 +376,9 @@ class ModelRunner:
         # (top-k, top-p, min-p) never changes a greedy row's argmax.
         needs_torch = penalized | (~greedy & (uses_top_k | (top_p < 1.0) | (min_p > 0)))
         needs_torch[bias_rows + ban_rows] = True
-        fused = self.device.type == "cuda" and not needs_torch.all()
+        all_greedy = bool(greedy.all())
+        # An all-greedy batch without logits processors takes the argmax and draws nothing.
+        fused = self.device.type == "cuda" and not needs_torch.all() and not all_greedy
         # One draw for every row's key; seeded rows' keys are overwritten below.
         seeds = torch.randint(0, (1 << 63) - 1, (len(rows),), dtype=torch.int64).numpy() if fused else None
         generators: dict[int, torch.Generator] = {}
@@ -385,39 +395,41 @@ class ModelRunner:
                 generator.manual_seed(key)
                 generators[i] = generator
 
-        def optional(values: list, dtype: torch.dtype) -> torch.Tensor | None:
-            return torch.tensor(values, dtype=dtype, device=self.device) if values else None
-
+        # Every array the step's sampling reads, sent in one copy; those no row uses stay None.
+        arrays = {
+            "temperature": temperature,
+            "top_p": top_p if (top_p < 1.0).any() else None,
+            "top_k": np.where(uses_top_k, top_k, self.vocab_size) if uses_top_k.any() else None,
+            "min_p": min_p if min_p.any() else None,
+            "seeds": seeds if fused else None,
+            "torch_rows": needs_torch if fused and needs_torch.any() else None,
+            "presence_penalty": presence if presence.any() else None,
+            "frequency_penalty": frequency if frequency.any() else None,
+            "repetition_penalty": repetition if (repetition != 1.0).any() else None,
+            "bias_rows": np.array(bias_rows, dtype=np.int64) if bias_rows else None,
+            "bias_token_ids": np.array(bias_ids, dtype=np.int64) if bias_rows else None,
+            "bias_values": np.array(bias_values, dtype=np.float32) if bias_rows else None,
+            "ban_rows": np.array(ban_rows, dtype=np.int64) if ban_rows else None,
+            "ban_token_ids": np.array(ban_ids, dtype=np.int64) if ban_rows else None,
+        }
+        used = [name for name, array in arrays.items() if array is not None]
+        on_device = dict(zip(used, upload([arrays[name] for name in used], self.device)))
         return SamplingMetadata(
-            temperature=to_device(temperature),
-            all_greedy=bool(greedy.all()),
-            top_p=to_device(top_p) if (top_p < 1.0).any() else None,
-            top_k=to_device(np.where(uses_top_k, top_k, self.vocab_size)) if uses_top_k.any() else None,
-            min_p=to_device(min_p) if min_p.any() else None,
+            all_greedy=all_greedy,
             generators=generators,
-            seeds=to_device(seeds) if fused else None,
-            torch_rows=to_device(needs_torch) if fused and needs_torch.any() else None,
-            presence_penalty=to_device(presence) if presence.any() else None,
-            frequency_penalty=to_device(frequency) if frequency.any() else None,
-            repetition_penalty=to_device(repetition) if (repetition != 1.0).any() else None,
             output_token_counts=output_counts,
             prompt_token_mask=prompt_mask,
-            bias_rows=optional(bias_rows, torch.int64),
-            bias_token_ids=optional(bias_ids, torch.int64),
-            bias_values=optional(bias_values, torch.float32),
-            ban_rows=optional(ban_rows, torch.int64),
-            ban_token_ids=optional(ban_ids, torch.int64),
             max_num_logprobs=int(b.num_logprobs[rows].max()),
+            **{name: on_device.get(name) for name in arrays},
         )
 
     def _token_counts(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: how often each vocab token occurs in the output, and which occur in the prompt."""
         b = self.batch
         width = int(b.num_tokens[rows].max())
-        tokens = torch.from_numpy(b.token_ids[rows, :width]).to(self.device)
+        tokens, num_prompt, num_tokens = upload([b.token_ids[rows, :width], b.num_prompt_tokens[rows, None],
+                                                 b.num_tokens[rows, None]], self.device)
         pos = torch.arange(width, device=self.device).unsqueeze(0)
-        num_prompt = self._to_device(b.num_prompt_tokens[rows]).unsqueeze(1)
-        num_tokens = self._to_device(b.num_tokens[rows]).unsqueeze(1)
         is_output = (pos >= num_prompt) & (pos < num_tokens)
         counts = torch.zeros(len(rows), self.vocab_size, device=self.device)
         counts.scatter_add_(1, tokens, is_output.float())

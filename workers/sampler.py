@@ -53,6 +53,11 @@ class SamplingMetadata:
     ban_token_ids: torch.Tensor | None
     max_num_logprobs: int  # -1: no row wants logprobs
 
+    @property
+    def has_logits_processors(self) -> bool:
+        return any(t is not None for t in (self.bias_rows, self.ban_rows, self.presence_penalty,
+                                           self.frequency_penalty, self.repetition_penalty))
+
 
 @dataclass
 class SamplerOutput:
@@ -83,7 +88,10 @@ class Sampler:
         """logits: [B, vocab] in the model's dtype (bfloat16 on a GPU) or float32."""
         # Logprobs are those of the model's raw distribution, as in vLLM and OpenAI.
         raw_logprobs = logits.float().log_softmax(dim=-1) if metadata.max_num_logprobs >= 0 else None
-        if metadata.seeds is None:
+        if metadata.all_greedy and not metadata.has_logits_processors:
+            # Truncation (top-k, top-p, min-p) never changes a greedy row's argmax.
+            sampled = logits.argmax(dim=-1)
+        elif metadata.seeds is None:
             sampled = self.sample_torch(logits, metadata)
         else:
             sampled = ops.sample_gumbel(logits, metadata.temperature, metadata.seeds)
