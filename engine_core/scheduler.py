@@ -106,20 +106,21 @@ class Scheduler:
         kv = self.kv_cache_manager
         preempted = False
         speculate = self._speculate()
+        lookahead = self.num_lookahead_tokens
+        scheduled: list[tuple[Request, int]] = []
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if not speculate:
+            if not speculate and request.spec_token_ids:
                 request.spec_token_ids = []
             num_known = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
             num_new = min(num_known + len(request.spec_token_ids), budget)
             if num_new <= 0 or self._reached_length(request):
                 i += 1  # its last token is in flight; it finishes when that arrives
                 continue
-            while (new_blocks := kv.allocate_slots(request, num_new, None,
-                                                   self._num_lookahead(request.num_computed_tokens,
-                                                                       num_new))) is None:
+            num_lookahead = self._num_lookahead(request.num_computed_tokens, num_new) if lookahead else 0
+            while (new_blocks := kv.allocate_slots(request, num_new, None, num_lookahead)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
@@ -127,6 +128,7 @@ class Scheduler:
                     break
             else:
                 num_scheduled[request.request_id] = num_new
+                scheduled.append((request, num_new))
                 budget -= num_new
                 if request.spec_token_ids:
                     # The budget may cut the drafts short; those left out are dropped.
@@ -134,7 +136,7 @@ class Scheduler:
                     if request.spec_token_ids:
                         scheduled_spec[request.request_id] = request.spec_token_ids
                 cached.request_ids.append(request.request_id)
-                cached.new_block_ids.append([b.block_id for b in new_blocks])
+                cached.new_block_ids.append([b.block_id for b in new_blocks] if new_blocks else [])
                 cached.num_computed_tokens.append(request.num_computed_tokens)
                 i += 1
 
@@ -157,6 +159,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             num_scheduled[request.request_id] = num_new
+            scheduled.append((request, num_new))
             budget -= num_new
             new_requests.append(NewRequestData(
                 request_id=request.request_id,
@@ -179,8 +182,7 @@ class Scheduler:
         self.finished_request_ids = []
         # The tokens are as good as computed: the next step schedules from there. A request
         # that catches up (drafts included) samples this step.
-        for request_id, n in num_scheduled.items():
-            request = self.requests[request_id]
+        for request, n in scheduled:
             request.num_computed_tokens += n
             if request.num_computed_tokens == (request.num_tokens + request.num_output_placeholders
                                                + len(request.spec_token_ids)):
@@ -212,6 +214,8 @@ class Scheduler:
         """Append sampled tokens, finish requests that hit a stop condition, and return each
         request's delta."""
         outputs: list[EngineCoreOutput] = []
+        scheduled_spec = scheduler_output.scheduled_spec_token_ids
+        draft_token_ids = runner_output.draft_token_ids
         for request_id, prompt_logprobs in runner_output.prompt_logprobs.items():
             request = self.requests.get(request_id)
             if request is not None:
@@ -221,15 +225,15 @@ class Scheduler:
             if request is None:
                 continue  # finished or aborted while the step ran
             request.num_output_placeholders -= 1
-            num_drafts = len(scheduler_output.scheduled_spec_token_ids.get(request_id, ()))
+            num_drafts = len(scheduled_spec.get(request_id, ())) if scheduled_spec else 0
             if num_drafts:
                 num_accepted = len(token_ids) - 1
                 request.num_computed_tokens -= num_drafts - num_accepted
                 request.spec_token_ids = []
                 self.spec_stats.observe(num_drafts, num_accepted)
             new_token_ids = self._append_and_check_stop(request, token_ids)
-            if not request.is_finished and request_id in runner_output.draft_token_ids:
-                request.spec_token_ids = self._trim_drafts(request, runner_output.draft_token_ids[request_id])
+            if draft_token_ids and not request.is_finished and request_id in draft_token_ids:
+                request.spec_token_ids = self._trim_drafts(request, draft_token_ids[request_id])
             outputs.append(EngineCoreOutput(
                 request_id=request_id,
                 new_token_ids=new_token_ids,
