@@ -84,7 +84,8 @@ def run_octavo(model_dir: str, prompts, output_lens, args) -> dict:
     start = time.perf_counter()
     llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=4096,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager,
+              **({"block_size": args.block_size} if args.block_size else {}))
     startup = time.perf_counter() - start
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))  # warm-up
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in output_lens]
@@ -192,6 +193,7 @@ def main() -> None:
     parser.add_argument("--hf-num-seqs", type=int, default=32, help="sequences given to transformers (0: skip)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument("--block-size", type=int, help="KV cache block size (default: the engine's)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--profile", choices=["host", "device"],
                         help="print where the time goes: the host's Python (cProfile) or GPU kernels")

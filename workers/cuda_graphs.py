@@ -5,6 +5,11 @@ the GPU time at small batches. Graphs are captured once per batch size of a ladd
 pads its batch up to the next captured size, copies its inputs into the graph's static
 buffers and replays. Mixed and prefill steps run eagerly.
 
+A step's inputs reach the graph in two host-to-device copies: the host writes them with numpy
+into a pinned mirror of the graph's input buffer (padding included), and the copies move the
+small arrays and the block-table rows in use. Per-array device tensors and copies would cost
+the host more than the small batches' whole GPU step.
+
 With speculative decoding, steps that verify drafts run `1 + k` query tokens per request at
 most, and graphs of that query length are captured too. A step with fewer drafts fills the
 graph's spare tokens with one extra padding request, attending to itself and writing nowhere,
@@ -13,15 +18,22 @@ so requests keep their own query lengths and the graph its shapes.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from workers.attention import AttentionMetadata
+from workers.step_inputs import StepInputs
+from workers.upload import torch_dtype
 
 
 # Verification graphs cover batches of up to this many tokens: larger steps are bound by
 # compute, where a graph saves little of the step's time.
 MAX_VERIFY_GRAPH_TOKENS = 1024
+# Host mirrors of the input buffer, used in turn: one is written while the last one's copies
+# may still wait in the stream.
+_NUM_MIRRORS = 2
+_ALIGN = 16  # bytes: every field of the input buffer starts aligned for its dtype
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -40,18 +52,44 @@ class CudaGraphRunner:
                            ] if spec_query_len > 1 else []
         n = self.max_batch
         num_tokens = max(n, n * spec_query_len if self.spec_sizes else 0)
-        # Static buffers: a replay reads exactly these addresses. One request more than the
-        # largest batch: the padding request of verification graphs.
-        self.input_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
-        self.positions = torch.zeros(num_tokens, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((num_tokens,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.ones(n + 1, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(n + 2, dtype=torch.int32, device=device)
-        self.decode_query_start_loc = self.query_start_loc.clone()
-        self.arange = torch.arange(num_tokens, device=device)  # the padding request's positions
-        self.block_tables = torch.zeros(n + 1, max_blocks_per_req, dtype=torch.int32, device=device)
+        # The input buffer a replay reads. One request more than the largest batch: the padding
+        # request of verification graphs. The block table comes last, so that a step copies
+        # only the rows its graph reads.
+        fields = {"seq_lens": (np.int32, (n + 1,)), "query_start_loc": (np.int32, (n + 2,)),
+                  "input_ids": (np.int64, (num_tokens,)), "positions": (np.int64, (num_tokens,)),
+                  "slot_mapping": (np.int64, (num_tokens,)), "in_flight": (np.int64, (num_tokens,)),
+                  "in_flight_source": (np.int64, (num_tokens,)),
+                  "block_tables": (np.int32, (n + 1, max_blocks_per_req))}
+        self.layout: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
+        offset = 0
+        for name, (dtype, shape) in fields.items():
+            self.layout[name] = (offset, np.dtype(dtype), shape)
+            offset += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // _ALIGN) * _ALIGN
+        self.block_tables_offset = self.layout["block_tables"][0]
+        self.block_table_row_bytes = max_blocks_per_req * 4
+        self.device_buffer = torch.zeros(offset, dtype=torch.uint8, device=device)
+        static = self._device_views(self.device_buffer)
+        self.input_ids, self.positions, self.slot_mapping = (static["input_ids"], static["positions"],
+                                                             static["slot_mapping"])
+        self.seq_lens, self.query_start_loc, self.block_tables = (static["seq_lens"], static["query_start_loc"],
+                                                                  static["block_tables"])
+        self.in_flight, self.in_flight_source = static["in_flight"], static["in_flight_source"]
+        self.mirrors = [torch.zeros(offset, dtype=torch.uint8, pin_memory=True) for _ in range(_NUM_MIRRORS)]
+        self.mirror_views = [self._host_views(m) for m in self.mirrors]
+        self.mirror_copied = [torch.cuda.Event() for _ in range(_NUM_MIRRORS)]
+        self.num_runs = 0
+        self.arange = np.arange(num_tokens + n + 2)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _device_views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: buffer[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(torch_dtype(dtype)).view(shape)
+                for name, (offset, dtype, shape) in self.layout.items()}
+
+    def _host_views(self, buffer: torch.Tensor) -> dict[str, np.ndarray]:
+        data = buffer.numpy()
+        return {name: data[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+                for name, (offset, dtype, shape) in self.layout.items()}
 
     def _metadata(self, num_reqs: int, num_tokens: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -72,6 +110,7 @@ class CudaGraphRunner:
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         shapes = [(batch, 1) for batch in self.sizes] + [(batch, self.spec_query_len) for batch in self.spec_sizes]
+        self.slot_mapping.fill_(-1)  # capture-time forwards write nowhere
         # Largest first: smaller graphs then reuse the big one's memory pool.
         for batch, query_len in sorted(shapes, key=lambda shape: shape[0] * shape[1], reverse=True):
             num_tokens = batch * query_len
@@ -93,39 +132,56 @@ class CudaGraphRunner:
             return num_reqs <= self.max_batch
         return max_query_len <= self.spec_query_len and bool(self.spec_sizes) and num_reqs <= self.spec_sizes[-1]
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
-            max_query_len: int = 1) -> torch.Tensor:
-        num_tokens = input_ids.shape[0]
-        num_reqs = metadata.seq_lens.shape[0]
+    def run(self, inputs: StepInputs, max_query_len: int = 1) -> torch.Tensor:
+        num_tokens, num_reqs = inputs.num_tokens, inputs.num_reqs
         query_len = 1 if max_query_len == 1 else self.spec_query_len
         batch = next(s for s in (self.sizes if query_len == 1 else self.spec_sizes) if s >= num_reqs)
-        width = metadata.block_tables.shape[1]
-        self.input_ids[:num_tokens].copy_(input_ids, non_blocking=True)
-        self.positions[:num_tokens].copy_(positions, non_blocking=True)
-        self.slot_mapping[:num_tokens].copy_(metadata.slot_mapping, non_blocking=True)
-        self.seq_lens[:num_reqs].copy_(metadata.seq_lens, non_blocking=True)
-        self.block_tables[:num_reqs, :width].copy_(metadata.block_tables, non_blocking=True)
+        turn = self.num_runs % _NUM_MIRRORS
+        self.num_runs += 1
+        self.mirror_copied[turn].synchronize()  # the copies that last read this mirror are done
+        host = self.mirror_views[turn]
+        host["positions"][:num_tokens] = inputs.positions
+        host["slot_mapping"][:num_tokens] = inputs.slot_mapping
+        host["seq_lens"][:num_reqs] = inputs.seq_lens
+        host["block_tables"][:num_reqs, :inputs.block_tables.shape[1]] = inputs.block_tables
+        host_ids = isinstance(inputs.input_ids, np.ndarray)
+        if host_ids:
+            host["input_ids"][:num_tokens] = inputs.input_ids
+        num_in_flight = len(inputs.in_flight)
+        host["in_flight"][:num_in_flight] = inputs.in_flight
+        host["in_flight_source"][:num_in_flight] = inputs.in_flight_source
         if query_len == 1:
-            self.query_start_loc.copy_(self.decode_query_start_loc, non_blocking=True)
-            if batch > num_reqs:
-                # Padding rows write nowhere (slot -1) and attend to one cached token.
-                self.slot_mapping[num_reqs:batch].fill_(-1)
-                self.seq_lens[num_reqs:batch].fill_(1)
+            host["query_start_loc"][:batch + 1] = self.arange[:batch + 1]
+            # Padding rows write nowhere (slot -1) and attend to one cached token.
+            host["slot_mapping"][num_reqs:batch] = -1
+            host["seq_lens"][num_reqs:batch] = 1
         else:
-            self._pad_verification(num_reqs, num_tokens, batch, metadata.query_start_loc)
+            self._pad_verification(host, num_reqs, num_tokens, batch, inputs.query_start_loc)
+        mirror = self.mirrors[turn]
+        end = self.block_tables_offset + (batch + 1) * self.block_table_row_bytes
+        self.device_buffer[:self.block_tables_offset].copy_(mirror[:self.block_tables_offset], non_blocking=True)
+        self.device_buffer[self.block_tables_offset:end].copy_(mirror[self.block_tables_offset:end],
+                                                                 non_blocking=True)
+        self.mirror_copied[turn].record()
+        if not host_ids:
+            self.input_ids[:num_tokens].copy_(inputs.input_ids, non_blocking=True)
+        if num_in_flight:
+            self.input_ids[self.in_flight[:num_in_flight]] = \
+                inputs.prev_sampled[self.in_flight_source[:num_in_flight]]
         self.graphs[batch, query_len].replay()
         return self.outputs[batch, query_len][:num_tokens]
 
-    def _pad_verification(self, num_reqs: int, num_tokens: int, batch: int, query_start_loc: torch.Tensor) -> None:
+    def _pad_verification(self, host: dict[str, np.ndarray], num_reqs: int, num_tokens: int, batch: int,
+                          query_start_loc: np.ndarray) -> None:
         """Requests past the real ones: the first holds the spare tokens, attending causally
         to themselves at positions 0.. in block 0 and writing nowhere; the rest have no query
         token and one cached token."""
         graph_tokens = batch * self.spec_query_len
         num_spare = graph_tokens - num_tokens
-        self.query_start_loc[:num_reqs + 1].copy_(query_start_loc, non_blocking=True)
-        self.query_start_loc[num_reqs + 1:batch + 2].fill_(graph_tokens)
-        self.seq_lens[num_reqs:batch + 1].fill_(1)
-        self.seq_lens[num_reqs:num_reqs + 1].fill_(max(num_spare, 1))
-        self.block_tables[num_reqs:batch + 1].zero_()
-        self.slot_mapping[num_tokens:graph_tokens].fill_(-1)
-        self.positions[num_tokens:graph_tokens].copy_(self.arange[:num_spare], non_blocking=True)
+        host["query_start_loc"][:num_reqs + 1] = query_start_loc
+        host["query_start_loc"][num_reqs + 1:batch + 2] = graph_tokens
+        host["seq_lens"][num_reqs:batch + 1] = 1
+        host["seq_lens"][num_reqs] = max(num_spare, 1)
+        host["block_tables"][num_reqs:batch + 1] = 0
+        host["slot_mapping"][num_tokens:graph_tokens] = -1
+        host["positions"][num_tokens:graph_tokens] = self.arange[:num_spare]

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from workers.attention import AttentionMetadata, bind_kv_caches
+from workers.attention import bind_kv_caches
 from workers.cuda_graphs import CudaGraphRunner
 from workers.input_batch import InputBatch
+from workers.step_inputs import StepInputs
 from workers.upload import upload
 
 
@@ -49,16 +50,13 @@ class DraftModelProposer:
             self.cuda_graphs.capture()
 
     @torch.inference_mode()
-    def prepare(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata,
-                max_query_len: int) -> None:
-        self._forward(input_ids, positions, attn_metadata, max_query_len)
+    def prepare(self, inputs: StepInputs, max_query_len: int) -> None:
+        self._forward(inputs, max_query_len)
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata,
-                 max_query_len: int) -> torch.Tensor:
-        num_reqs = attn_metadata.seq_lens.shape[0]
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(num_reqs, max_query_len):
-            return self.cuda_graphs.run(input_ids, positions, attn_metadata, max_query_len)
-        return self.model(input_ids, positions, attn_metadata)
+    def _forward(self, inputs: StepInputs, max_query_len: int) -> torch.Tensor:
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(inputs.num_reqs, max_query_len):
+            return self.cuda_graphs.run(inputs, max_query_len)
+        return self.model(*inputs.upload(self.device))
 
     @torch.inference_mode()
     def propose(self, token_ids: np.ndarray, num_tokens: np.ndarray, rows: np.ndarray,
@@ -73,23 +71,23 @@ class DraftModelProposer:
             active = np.flatnonzero(num_draft > j)
             if not len(active):
                 break
-            positions = last[active] + j
-            active_device, positions_device = upload([active, positions], self.device)
-            hidden = self._forward(input_ids[active_device], positions_device,
-                                   self._decode_metadata(rows[active], positions), 1)
+            active_device = upload([active], self.device)[0]
+            hidden = self._forward(self._decode_inputs(rows[active], last[active] + j, input_ids[active_device]), 1)
             next_ids = self.model.compute_logits(hidden).argmax(dim=-1)
             drafts[active_device, j] = next_ids
             input_ids[active_device] = next_ids
         return drafts.cpu().numpy(), num_draft
 
-    def _decode_metadata(self, rows: np.ndarray, positions: np.ndarray) -> AttentionMetadata:
+    def _decode_inputs(self, rows: np.ndarray, positions: np.ndarray, input_ids: torch.Tensor) -> StepInputs:
         """One query token per row at `positions`, attending to everything before it."""
         batch, bs = self.batch, self.block_size
-        slot_mapping = batch.block_table[rows, positions // bs].astype(np.int64) * bs + positions % bs
         # As the model runner's: a block-table width rounded up to 16 keeps to compiled kernels.
         width = min(-(-int(positions.max() // bs + 1) // 16) * 16, batch.block_table.shape[1])
-        slot_mapping, query_start_loc, seq_lens, block_tables = upload(
-            [slot_mapping, np.arange(len(rows) + 1, dtype=np.int32), (positions + 1).astype(np.int32),
-             batch.block_table[rows, :width]], self.device)
-        return AttentionMetadata(slot_mapping=slot_mapping, query_start_loc=query_start_loc, seq_lens=seq_lens,
-                                 block_tables=block_tables)
+        return StepInputs(
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=batch.block_table[rows, positions // bs].astype(np.int64) * bs + positions % bs,
+            query_start_loc=np.arange(len(rows) + 1, dtype=np.int32),
+            seq_lens=(positions + 1).astype(np.int32),
+            block_tables=batch.block_table[rows, :width],
+        )

@@ -22,11 +22,12 @@ from torch import nn
 
 from engine_core.protocol import Logprobs, ModelRunnerOutput, SchedulerOutput
 from kernels import ops
-from workers.attention import AttentionMetadata, bind_kv_caches
+from workers.attention import bind_kv_caches
 from workers.cuda_graphs import CudaGraphRunner
 from workers.input_batch import InputBatch
 from workers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs_rows
 from workers.spec_decode import DraftProposer, SpecLayout, accept_greedy, emitted_per_row, verify_drafts
+from workers.step_inputs import StepInputs
 from workers.upload import upload
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) over 64 bits
@@ -105,17 +106,17 @@ class ModelRunner:
         width = min(16, self.batch.block_table.shape[1])
         for num_reqs, tokens_per_req in ((1, 17), (2, 8), (3, 5), (16, 16), (16, 1), (3, 1)):
             num_tokens = num_reqs * tokens_per_req
-            metadata = AttentionMetadata(
-                slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=self.device),
-                query_start_loc=torch.arange(0, num_tokens + 1, tokens_per_req, dtype=torch.int32,
-                                             device=self.device),
-                seq_lens=torch.full((num_reqs,), tokens_per_req, dtype=torch.int32, device=self.device),
-                block_tables=torch.zeros(num_reqs, width, dtype=torch.int32, device=self.device),
+            inputs = StepInputs(
+                input_ids=np.zeros(num_tokens, dtype=np.int64),
+                positions=np.tile(np.arange(tokens_per_req), num_reqs),
+                slot_mapping=np.full(num_tokens, -1, dtype=np.int64),
+                query_start_loc=np.arange(0, num_tokens + 1, tokens_per_req, dtype=np.int32),
+                seq_lens=np.full(num_reqs, tokens_per_req, dtype=np.int32),
+                block_tables=np.zeros((num_reqs, width), dtype=np.int32),
             )
-            positions = torch.arange(tokens_per_req, device=self.device).repeat(num_reqs)
-            hidden = self.model(torch.zeros_like(positions), positions, metadata)
+            hidden = self.model(*inputs.upload(self.device))
             if self.proposer is not None:
-                self.proposer.prepare(torch.zeros_like(positions), positions, metadata, tokens_per_req)
+                self.proposer.prepare(inputs, tokens_per_req)
             logits = self.model.compute_logits(hidden[:num_reqs], float32=False)
             # Greedy and sampled rows, so the sampling kernel compiles now too.
             temperature = torch.tensor([0.0, 1.0] * num_reqs, device=self.device)[:num_reqs]
@@ -175,6 +176,17 @@ class ModelRunner:
         in_flight = np.flatnonzero(positions >= batch.num_tokens[req_index] + np.repeat(num_draft, num_scheduled))
         source = self.prev_sampled_index[req_index[in_flight]]
 
+        inputs = StepInputs(input_ids, positions, slot_mapping, np.concatenate(([0], cu_num_tokens)).astype(np.int32),
+                            seq_lens.astype(np.int32), batch.block_table[rows, :max_blocks], in_flight, source,
+                            self.prev_sampled)
+        max_query_len = int(num_scheduled.max())
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(len(rows), max_query_len):
+            hidden = self.cuda_graphs.run(inputs, max_query_len)
+        else:
+            hidden = self.model(*inputs.upload(self.device))
+        if self.proposer is not None:
+            self.proposer.prepare(inputs, max_query_len)
+
         # Requests whose computed tokens caught up with their tokens sample a new one; the
         # others were mid-prefill. Each samples after its last token and after each draft.
         sampling = seq_lens >= batch.num_tokens[rows]
@@ -191,23 +203,6 @@ class ModelRunner:
             logits_seq_lens = np.repeat(seq_lens[sampling] - num_draft[sampling], layout.num_logits) \
                 + layout.index_in_request
 
-        (slot_mapping_device, query_start_loc, seq_lens_device, block_tables, input_ids_device, positions_device,
-         in_flight_device, source_device, logits_indices_device) = upload(
-            [slot_mapping, np.concatenate(([0], cu_num_tokens)).astype(np.int32), seq_lens.astype(np.int32),
-             batch.block_table[rows, :max_blocks], input_ids, positions, in_flight, source, logits_indices],
-            self.device)
-        attn_metadata = AttentionMetadata(slot_mapping=slot_mapping_device, query_start_loc=query_start_loc,
-                                          seq_lens=seq_lens_device, block_tables=block_tables)
-        if len(in_flight):
-            input_ids_device[in_flight_device] = self.prev_sampled[source_device]
-        max_query_len = int(num_scheduled.max())
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(len(rows), max_query_len):
-            hidden = self.cuda_graphs.run(input_ids_device, positions_device, attn_metadata, max_query_len)
-        else:
-            hidden = self.model(input_ids_device, positions_device, attn_metadata)
-        if self.proposer is not None:
-            self.proposer.prepare(input_ids_device, positions_device, attn_metadata, max_query_len)
-
         prompt_logprobs = self._prompt_logprobs(hidden, rows, num_computed, num_scheduled,
                                                 cu_num_tokens, request_ids)
         propose = scheduler_output.propose_drafts and self.proposer is not None
@@ -215,7 +210,10 @@ class ModelRunner:
             self.pending.append(PendingStep([], sample_rows, None, None, None, [], prompt_logprobs, propose))
             return
         # Logits stay in the model's dtype: the fused sampling kernel reads them as they are.
-        logits = self.model.compute_logits(hidden[logits_indices_device], float32=False)
+        # Logits rows are increasing token indices: as many as tokens means every token.
+        logits_hidden = hidden[:len(logits_indices)] if len(logits_indices) == len(positions) \
+            else hidden[self._to_device(logits_indices)]
+        logits = self.model.compute_logits(logits_hidden, float32=False)
         metadata = self._sampling_metadata(logits_rows, logits_seq_lens)
         out = self.sampler(logits, metadata)
         greedy_draft_token_ids = None

@@ -15,9 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    import torch
-
-    from workers.attention import AttentionMetadata
+    from workers.step_inputs import StepInputs
 
 _NO_TOKEN = -1  # pads the drafts of rows proposing fewer than k tokens
 # Up to this many rows, each row is searched on its own with bytes.rfind: a few microseconds a
@@ -40,8 +38,7 @@ class NgramProposer:
         self.max_n = prompt_lookup_max
         self.k = num_speculative_tokens
 
-    def prepare(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata,
-                max_query_len: int) -> None:
+    def prepare(self, inputs: StepInputs, max_query_len: int) -> None:
         """Prompt lookup keeps no state beyond the batch's tokens."""
 
     def capture_graphs(self) -> None:

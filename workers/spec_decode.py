@@ -19,15 +19,14 @@ import numpy as np
 import torch
 
 from kernels import ops
-from workers.attention import AttentionMetadata
 from workers.sampler import Sampler, SamplingMetadata
+from workers.step_inputs import StepInputs
 
 _GREEDY_EPS = 1e-5  # as workers.sampler
 
 
 class DraftProposer(Protocol):
-    def prepare(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata,
-                max_query_len: int) -> None:
+    def prepare(self, inputs: StepInputs, max_query_len: int) -> None:
         """Called with every target forward's inputs (a draft model keeps its KV in step)."""
 
     def capture_graphs(self) -> None:

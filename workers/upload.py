@@ -34,10 +34,10 @@ def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]
     for array, start in zip(arrays, offsets):
         host_bytes[start:start + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
     packed = host.to(device, non_blocking=True)
-    return [packed[start:start + a.nbytes].view(_torch_dtype(a.dtype)).view(a.shape)
+    return [packed[start:start + a.nbytes].view(torch_dtype(a.dtype)).view(a.shape)
             for a, start in zip(arrays, offsets)]
 
 
 @functools.cache
-def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype)).dtype
