@@ -15,6 +15,7 @@ import torch
 from workers.attention import AttentionMetadata
 from workers.upload import upload
 
+
 @dataclass
 class StepInputs:
     # [T] int64, or a device tensor when the tokens are there already (a draft model's own
