@@ -24,7 +24,7 @@ from torch import nn
 
 from workers.attention import AttentionMetadata
 from workers.step_inputs import StepInputs
-from workers.upload import torch_dtype
+from workers.upload import aligned, torch_dtype
 
 
 # Verification graphs cover batches of up to this many tokens: larger steps are bound by
@@ -33,7 +33,6 @@ MAX_VERIFY_GRAPH_TOKENS = 1024
 # Host mirrors of the input buffer, used in turn: one is written while the last one's copies
 # may still wait in the stream.
 _NUM_MIRRORS = 2
-_ALIGN = 16  # bytes: every field of the input buffer starts aligned for its dtype
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -64,7 +63,7 @@ class CudaGraphRunner:
         offset = 0
         for name, (dtype, shape) in fields.items():
             self.layout[name] = (offset, np.dtype(dtype), shape)
-            offset += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // _ALIGN) * _ALIGN
+            offset += aligned(int(np.prod(shape)) * np.dtype(dtype).itemsize)
         self.block_tables_offset = self.layout["block_tables"][0]
         self.block_table_row_bytes = max_blocks_per_req * 4
         self.device_buffer = torch.zeros(offset, dtype=torch.uint8, device=device)

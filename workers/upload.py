@@ -28,7 +28,7 @@ def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]
     if device.type != "cuda":
         return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
     offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([-(-a.nbytes // _ALIGN) * _ALIGN for a in arrays])
+    offsets[1:] = np.cumsum([aligned(a.nbytes) for a in arrays])
     host = torch.empty(max(int(offsets[-1]), 1), dtype=torch.uint8, pin_memory=True)
     host_bytes = host.numpy()
     for array, start in zip(arrays, offsets):
@@ -36,6 +36,11 @@ def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]
     packed = host.to(device, non_blocking=True)
     return [packed[start:start + a.nbytes].view(torch_dtype(a.dtype)).view(a.shape)
             for a, start in zip(arrays, offsets)]
+
+
+def aligned(num_bytes: int) -> int:
+    """num_bytes rounded up so that what follows starts aligned for any dtype."""
+    return -(-num_bytes // _ALIGN) * _ALIGN
 
 
 @functools.cache
