@@ -30,7 +30,8 @@ from workers.upload import upload
 
 class DraftModelProposer:
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], batch: InputBatch, block_size: int,
-                 num_speculative_tokens: int, device: torch.device, use_cuda_graphs: bool) -> None:
+                 max_num_tokens: int, num_speculative_tokens: int, device: torch.device,
+                 use_cuda_graphs: bool) -> None:
         self.model = model
         bind_kv_caches(model, kv_caches)
         self.batch = batch
@@ -42,8 +43,8 @@ class DraftModelProposer:
         self.cuda_graphs: CudaGraphRunner | None = None
         if use_cuda_graphs and device.type == "cuda":
             max_num_reqs, max_blocks_per_req = batch.block_table.shape
-            self.cuda_graphs = CudaGraphRunner(model, max_num_reqs, max_blocks_per_req, device,
-                                               spec_query_len=1 + num_speculative_tokens)
+            self.cuda_graphs = CudaGraphRunner(model, max_num_reqs, max_num_tokens, batch.max_model_len,
+                                               max_blocks_per_req, device, spec_query_len=1 + num_speculative_tokens)
 
     def capture_graphs(self) -> None:
         if self.cuda_graphs is not None:
@@ -54,8 +55,10 @@ class DraftModelProposer:
         self._forward(inputs, max_query_len)
 
     def _forward(self, inputs: StepInputs, max_query_len: int) -> torch.Tensor:
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(inputs.num_reqs, max_query_len):
-            return self.cuda_graphs.run(inputs, max_query_len)
+        shape = self.cuda_graphs.shape_for(inputs.num_reqs, inputs.num_tokens, max_query_len) \
+            if self.cuda_graphs else None
+        if shape is not None:
+            return self.cuda_graphs.run(inputs, shape)
         return self.model(*inputs.upload(self.device))
 
     @torch.inference_mode()

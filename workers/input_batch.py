@@ -20,6 +20,7 @@ class InputBatch:
                  eos_token_ids: list[int], device: torch.device) -> None:
         self.eos_token_ids = eos_token_ids
         self.device = device
+        self.max_model_len = max_model_len
         self.req_id_to_row: dict[str, int] = {}
         self.free_rows = list(range(max_num_reqs - 1, -1, -1))
         # +1: a request at max_model_len still stores the token sampled last.

@@ -65,7 +65,7 @@ class PendingStep:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], block_size: int,
-                 max_num_reqs: int, max_model_len: int, vocab_size: int,
+                 max_num_reqs: int, max_num_tokens: int, max_model_len: int, vocab_size: int,
                  eos_token_ids: list[int], device: torch.device, use_cuda_graphs: bool,
                  num_speculative_tokens: int = 0,
                  make_proposer: Callable[[InputBatch], DraftProposer] | None = None) -> None:
@@ -93,7 +93,8 @@ class ModelRunner:
         if device.type == "cuda":
             self.warm_up()
         if use_cuda_graphs and device.type == "cuda":
-            self.cuda_graphs = CudaGraphRunner(model, max_num_reqs, max_blocks_per_req, device,
+            self.cuda_graphs = CudaGraphRunner(model, max_num_reqs, max_num_tokens, max_model_len,
+                                               max_blocks_per_req, device,
                                                spec_query_len=1 + num_speculative_tokens)
             self.cuda_graphs.capture()
             if self.proposer is not None:
@@ -180,8 +181,9 @@ class ModelRunner:
                             seq_lens.astype(np.int32), batch.block_table[rows, :max_blocks], in_flight, source,
                             self.prev_sampled)
         max_query_len = int(num_scheduled.max())
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(len(rows), max_query_len):
-            hidden = self.cuda_graphs.run(inputs, max_query_len)
+        shape = self.cuda_graphs.shape_for(len(rows), len(positions), max_query_len) if self.cuda_graphs else None
+        if shape is not None:
+            hidden = self.cuda_graphs.run(inputs, shape)
         else:
             hidden = self.model(*inputs.upload(self.device))
         if self.proposer is not None:

@@ -83,7 +83,7 @@ class Worker:
         kv_caches = [self._allocate_kv_caches(model) for model in self.kv_models]
         self.eos_token_ids = _eos_token_ids(self.model_dir, text_config)
         self.model_runner = ModelRunner(self.model, kv_caches[0], config.block_size, config.max_num_seqs,
-                                        self.max_model_len, self.vocab_size, self.eos_token_ids,
+                                        config.max_num_batched_tokens, self.max_model_len, self.vocab_size, self.eos_token_ids,
                                         self.device, use_cuda_graphs=not config.enforce_eager,
                                         num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
                                         make_proposer=self._proposer_factory(spec, kv_caches[-1]))
@@ -108,7 +108,8 @@ class Worker:
             return lambda batch: NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max,
                                                spec.num_speculative_tokens)
         return lambda batch: DraftModelProposer(self.draft_model, draft_kv_caches, batch, self.config.block_size,
-                                                spec.num_speculative_tokens, self.device,
+                                                self.config.max_num_batched_tokens, spec.num_speculative_tokens,
+                                                self.device,
                                                 use_cuda_graphs=not self.config.enforce_eager)
 
     def _allocate_kv_caches(self, model: torch.nn.Module) -> list[torch.Tensor]:

@@ -8,7 +8,8 @@
   bfloat16 run is printed beside it (it is ~2.6e-2 away, mostly from rounding its rotary
   frequencies to bfloat16, which Octavo keeps in float32).
 - Greedy generation of the tiny test configs, eager and with CUDA graphs, identical to
-  transformers in float32.
+  transformers in float32. With graphs, every step (prompt chunks and mixed batches too)
+  replays one: the model's Python forward never runs after start-up.
 """
 
 from __future__ import annotations
@@ -115,9 +116,13 @@ def test_greedy_generation_matches_transformers_fp32(checkpoint, enforce_eager):
     llm = LLM(str(path), dtype="float32", max_model_len=1024, max_num_batched_tokens=256,
               enforce_eager=enforce_eager, max_num_seqs=16,
               kv_cache_memory=1 << 30)  # several engines share the GPU in one test session
+    eager_forwards = []
+    llm.engine.executor.worker.model.register_forward_pre_hook(lambda *args: eager_forwards.append(1))
     rng = random.Random(1)
     prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 300))] for _ in range(12)]
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    # Every step is within the 256-token budget, so each replays a graph unless enforce_eager.
+    assert (len(eager_forwards) > 0) == enforce_eager
     mismatches = 0
     for prompt, out in zip(prompts, outputs):
         ref = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=24, do_sample=False)
