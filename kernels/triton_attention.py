@@ -215,8 +215,10 @@ class AttentionConfig:
 
 # Batches averaging at most this many query tokens per request (decodes, speculative
 # verification) are memory-bound: small query tiles, and KV splits when the requests alone
-# leave the GPU idle.
-_DECODE_QUERIES_PER_REQ = 4
+# leave the GPU idle. A CUDA graph's padding request counts among the requests: verifying 8
+# drafts for one request (9 tokens over 2 requests) takes 5 us per layer this way against 8 us
+# with the prefill configuration's single program per KV head (H100, SmolLM2-135M).
+_DECODE_QUERIES_PER_REQ = 8
 # Splitting pays while the requests alone give the GPU fewer than about four programs per
 # multiprocessor (H100, Qwen3-0.6B's shape, the reference workload's decode steps: B=16 x ~1600
 # tokens best with 4-8 splits, B=32 as fast with 2 as with none, B=48 and up with none); beyond,
