@@ -216,8 +216,8 @@ class AttentionConfig:
 # Batches averaging at most this many query tokens per request (decodes, speculative
 # verification) are memory-bound: small query tiles, and KV splits when the requests alone
 # leave the GPU idle. A CUDA graph's padding request counts among the requests: verifying 8
-# drafts for one request (9 tokens over 2 requests) takes 5 us per layer this way against 8 us
-# with the prefill configuration's single program per KV head (H100, SmolLM2-135M).
+# drafts for one request is 9 tokens over 2 requests, which the prefill configuration would
+# give a single program per KV head.
 _DECODE_QUERIES_PER_REQ = 8
 # Splitting pays while the requests alone give the GPU fewer than about four programs per
 # multiprocessor (H100, Qwen3-0.6B's shape, the reference workload's decode steps: B=16 x ~1600
