@@ -14,8 +14,10 @@ next captured shape, copies its inputs into the graph's static buffers and repla
   writing nowhere; the requests after it have no query tokens. So each request keeps its own
   query length and the graph its shapes.
 
-Steps of more than `MAX_PADDED_GRAPH_TOKENS` tokens run eagerly: their GPU work outlasts the
-launches.
+Steps of more than `MAX_PADDED_GRAPH_TOKENS` tokens run eagerly: their GPU work is of the order
+of the launches' cost, and padding them up to a power of two would cost more GPU time than
+the launches do. The graphs share one memory pool, the activations of the largest, which the
+KV cache's sizing leaves to `gpu_memory_utilization`'s headroom.
 
 A step's inputs reach the graph in two host-to-device copies: the host writes them with numpy
 into a pinned mirror of the graph's input buffer (padding included), and the copies move the
