@@ -60,21 +60,27 @@ def qwen3_0_6b_config():
                        torch_dtype="bfloat16")
 
 
+def model_costs(config) -> tuple[int, int, int]:
+    """A bf16 forward's costs: bytes of the weights it reads, KV bytes per token of context,
+    and matmul FLOPs per token in the layers (the LM head's come on top for tokens that sample)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    layer_params = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
+    weight_bytes = (layers * layer_params + config.vocab_size * h) * 2
+    return weight_bytes, layers * 2 * kv * 2, 2 * layers * layer_params
+
+
 def roofline_seconds(config, prompt_lens: np.ndarray, output_lens: np.ndarray, bandwidth: float,
                      matmul_flops: float) -> float:
     """Every sequence decoding in one batch: each step reads the weights once plus every active
     sequence's KV at the copy bandwidth; prefill runs at the matmul rate. A bound no engine
     reaches, for scale."""
-    h, layers = config.hidden_size, config.num_hidden_layers
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    layer_params = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
-    weight_bytes = (layers * layer_params + config.vocab_size * h) * 2
-    kv_bytes_per_token = layers * 2 * kv * 2
+    weight_bytes, kv_bytes_per_token, layer_flops_per_token = model_costs(config)
     seconds = 0.0
     for step in range(int(output_lens.max())):
         active = output_lens > step
         seconds += (weight_bytes + (prompt_lens[active] + step).sum() * kv_bytes_per_token) / bandwidth
-    return seconds + 2 * layers * layer_params * prompt_lens.sum() / matmul_flops
+    return seconds + layer_flops_per_token * prompt_lens.sum() / matmul_flops
 
 
 def run_octavo(model_dir: str, prompts, output_lens, args) -> dict:

@@ -1,0 +1,146 @@
+"""Decode-step microbenchmark: one decode step of B requests at a given context length, through
+Octavo's engine and through transformers on the same model and GPU, against the step's roofline.
+
+    python -m load_tests.decode_bench                    # Qwen3-0.6B shape, random bf16 weights
+    python -m load_tests.decode_bench --batch-sizes 1 64 --context-len 2048 --hf-batch-sizes
+
+Octavo's step is `EngineCore.step` in its steady state: B requests decoding, CUDA graphs,
+sampling at temperature 0.6, async scheduling; the figure is the wall time of many steps over
+their number. transformers' step is one `forward` of B tokens over its KV cache of the same
+context, then the argmax, timed alone. The roofline is the larger of (weights + every
+request's KV) / copy bandwidth and FLOPs / matmul rate, both measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from load_tests.throughput import measure_device, model_costs, qwen3_0_6b_config
+
+_WARMUP_STEPS = 8
+
+
+def max_tokens(batch: int, context_len: int, num_steps: int, max_num_batched_tokens: int) -> int:
+    """Output tokens each request may need: those finishing their prompt early decode while the
+    others prefill, then come the warm-up and the timed steps (and the steps in flight)."""
+    num_prefill_steps = -(-batch * context_len // max_num_batched_tokens) + 1
+    return num_prefill_steps + _WARMUP_STEPS + num_steps + 4
+
+
+def octavo_step_seconds(llm, batch: int, context_len: int, num_steps: int,
+                        max_num_batched_tokens: int) -> tuple[float, int]:
+    """Seconds per decode step of `batch` requests, and the mean total context of those steps."""
+    from engine_core.protocol import EngineCoreRequest, SamplingParams
+
+    engine = llm.engine
+    rng = np.random.default_rng(batch)
+    params = SamplingParams(temperature=0.6, ignore_eos=True,
+                            max_tokens=max_tokens(batch, context_len, num_steps, max_num_batched_tokens))
+    generated: dict[str, int] = {}
+    for i in range(batch):
+        request_id = f"decode-{batch}-{i}"
+        engine.add_request(EngineCoreRequest(request_id, rng.integers(0, 10000, context_len).tolist(), params))
+        generated[request_id] = 0
+
+    def step() -> None:
+        for out in engine.step().outputs:
+            generated[out.request_id] += len(out.new_token_ids)
+
+    while min(generated.values()) == 0:  # until every prompt is in: then every step decodes all
+        step()
+    for _ in range(_WARMUP_STEPS):
+        step()
+    total_context = batch * context_len + sum(generated.values())
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        engine.step()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / num_steps
+    while engine.has_unfinished_requests():
+        engine.step()
+    return seconds, total_context + batch * (num_steps - 1) // 2
+
+
+@torch.inference_mode()
+def transformers_step_seconds(model, batch: int, context_len: int, num_steps: int = 5) -> float:
+    """Median seconds of one greedy decode forward of `batch` requests over `context_len` cached tokens."""
+    ids = torch.randint(0, 10000, (batch, context_len), device="cuda")
+    cache = model.model(ids, use_cache=True).past_key_values  # the base model: no prompt logits
+    next_ids = ids[:, -1:]
+    times = []
+    for _ in range(num_steps + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits = model(next_ids, past_key_values=cache, use_cache=True).logits
+        next_ids = logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    del cache
+    return float(np.median(times[1:]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+    parser.add_argument("--context-len", type=int, default=1024, help="prompt tokens per request")
+    parser.add_argument("--num-steps", type=int, default=64, help="timed Octavo steps per batch size")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument("--hf-batch-sizes", type=int, nargs="*", default=None,
+                        help="batch sizes transformers runs (default: all; none: skip it)")
+    args = parser.parse_args()
+    hf_batch_sizes = args.batch_sizes if args.hf_batch_sizes is None else args.hf_batch_sizes
+
+    from transformers import AutoModelForCausalLM
+
+    from engine_core.llm import LLM
+
+    config = qwen3_0_6b_config()
+    model_dir = tempfile.mkdtemp(prefix="qwen3-0.6b-random-")
+    torch.manual_seed(0)
+    hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    hf_model.save_pretrained(model_dir)
+    bandwidth, matmul_flops = measure_device()
+    torch.cuda.empty_cache()
+    weight_bytes, kv_bytes_per_token, layer_flops_per_token = model_costs(config)
+    lm_head_flops = 2 * config.vocab_size * config.hidden_size
+
+    budget = args.max_num_batched_tokens
+    llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=budget,
+              max_model_len=args.context_len + max_tokens(max(args.batch_sizes), args.context_len,
+                                                          args.num_steps, budget))
+    rows = {}
+    for batch in args.batch_sizes:
+        seconds, total_context = octavo_step_seconds(llm, batch, args.context_len, args.num_steps, budget)
+        roofline = max((weight_bytes + total_context * kv_bytes_per_token) / bandwidth,
+                       batch * (layer_flops_per_token + lm_head_flops) / matmul_flops)
+        rows[batch] = {"octavo": seconds, "roofline": roofline, "context": total_context / batch}
+    del llm
+    torch.cuda.empty_cache()
+
+    if hf_batch_sizes:
+        hf_model = hf_model.to("cuda").eval()
+        for batch in hf_batch_sizes:
+            rows.setdefault(batch, {})["transformers"] = transformers_step_seconds(hf_model, batch, args.context_len)
+            torch.cuda.empty_cache()
+
+    print(f"\n{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul "
+          f"{matmul_flops / 1e12:.0f} TFLOP/s; Qwen3-0.6B shape, bf16, {args.context_len}-token prompts")
+    print(f"{'batch':>5} {'context':>8} {'roofline ms':>12} {'octavo ms':>10} {'tok/s':>9} {'of roofline':>12} "
+          f"{'transformers ms':>16} {'octavo is':>10}")
+    for batch, r in rows.items():
+        if "octavo" not in r:
+            continue
+        hf = r.get("transformers")
+        hf_ms, ratio = (f"{hf * 1e3:.3f}", f"{hf / r['octavo']:.1f}x") if hf else ("-", "-")
+        print(f"{batch:>5} {r['context']:>8.0f} {r['roofline'] * 1e3:>12.3f} {r['octavo'] * 1e3:>10.3f} "
+              f"{batch / r['octavo']:>9,.0f} {r['roofline'] / r['octavo']:>11.0%} {hf_ms:>16} {ratio:>10}")
+
+
+if __name__ == "__main__":
+    main()
