@@ -71,10 +71,18 @@ def padded_shapes(max_num_seqs: int, max_num_tokens: int, max_model_len: int,
     tokens, so that the padding request's tokens always fit in one sequence."""
     max_tokens = min(max_num_tokens, max_model_len, MAX_PADDED_GRAPH_TOKENS)
     token_sizes = _powers_of_two(16, max_tokens) if max_tokens > 16 else [max_tokens]
-    shapes = {(r, t) for r in _powers_of_two(1, max_num_seqs) for t in token_sizes if r <= t}
+    # A step has at least a token per request: more requests than max_tokens never fit.
+    req_sizes = _powers_of_two(1, min(max_num_seqs, max_tokens))
+    shapes = {(r, t) for r in req_sizes for t in token_sizes if r <= t}
     if spec_query_len > 1:
         shapes |= {(b, b * spec_query_len) for b in decode_sizes(max_num_seqs) if b * spec_query_len <= max_tokens}
     return [GraphShape(r, t, False) for t, r in sorted((t, r) for r, t in shapes)]
+
+
+def fit_padded_shape(shapes: list[GraphShape], num_reqs: int, num_tokens: int) -> GraphShape | None:
+    """The first of `shapes` (fewest tokens first) that holds the step, or None."""
+    first = bisect.bisect_left(shapes, num_tokens, key=lambda shape: shape.num_tokens)
+    return next((shape for shape in shapes[first:] if shape.num_reqs >= num_reqs), None)
 
 
 class CudaGraphRunner:
@@ -83,9 +91,8 @@ class CudaGraphRunner:
         self.model = model
         self.decode_sizes = decode_sizes(max_num_seqs)
         self.padded_shapes = padded_shapes(max_num_seqs, max_num_tokens, max_model_len, spec_query_len)
-        self.padded_num_tokens = [shape.num_tokens for shape in self.padded_shapes]
         n = max_num_seqs
-        num_tokens = max(n, self.padded_num_tokens[-1])
+        num_tokens = max(n, self.padded_shapes[-1].num_tokens)
         # The input buffer a replay reads. One request more than the largest batch: the padding
         # request of padded graphs. The block table comes last, so that a step copies only the
         # rows its graph reads.
@@ -166,8 +173,7 @@ class CudaGraphRunner:
                 return None
             batch = self.decode_sizes[bisect.bisect_left(self.decode_sizes, num_reqs)]
             return GraphShape(batch, batch, True)
-        first = bisect.bisect_left(self.padded_num_tokens, num_tokens)
-        return next((shape for shape in self.padded_shapes[first:] if shape.num_reqs >= num_reqs), None)
+        return fit_padded_shape(self.padded_shapes, num_reqs, num_tokens)
 
     def run(self, inputs: StepInputs, shape: GraphShape) -> torch.Tensor:
         num_tokens, num_reqs = inputs.num_tokens, inputs.num_reqs
