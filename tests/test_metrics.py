@@ -82,8 +82,10 @@ class Prometheus:
         try:
             with urllib.request.urlopen(url, timeout=10) as response:
                 body = json.load(response)
-        except urllib.error.HTTPError as e:  # a bad query: say why
-            raise AssertionError(f"{expr}: {e.read().decode()}") from None
+        except urllib.error.HTTPError as e:
+            if e.code == 503:  # listening, but its storage is not ready yet
+                return []
+            raise AssertionError(f"{expr}: {e.read().decode()}") from None  # a bad query: say why
         except OSError:
             return []  # not up yet
         assert body["status"] == "success", body
