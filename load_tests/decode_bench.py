@@ -92,9 +92,10 @@ def main() -> None:
     parser.add_argument("--num-steps", type=int, default=64, help="timed Octavo steps per batch size")
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--hf-batch-sizes", type=int, nargs="*", default=None,
-                        help="batch sizes transformers runs (default: all; none: skip it)")
+                        help="those of --batch-sizes transformers runs (default: all; none: skip it)")
     args = parser.parse_args()
-    hf_batch_sizes = args.batch_sizes if args.hf_batch_sizes is None else args.hf_batch_sizes
+    hf_batch_sizes = args.batch_sizes if args.hf_batch_sizes is None else \
+        [batch for batch in args.hf_batch_sizes if batch in args.batch_sizes]
 
     from transformers import AutoModelForCausalLM
 
@@ -126,7 +127,7 @@ def main() -> None:
     if hf_batch_sizes:
         hf_model = hf_model.to("cuda").eval()
         for batch in hf_batch_sizes:
-            rows.setdefault(batch, {})["transformers"] = transformers_step_seconds(hf_model, batch, args.context_len)
+            rows[batch]["transformers"] = transformers_step_seconds(hf_model, batch, args.context_len)
             torch.cuda.empty_cache()
 
     print(f"\n{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul "
@@ -134,8 +135,6 @@ def main() -> None:
     print(f"{'batch':>5} {'context':>8} {'roofline ms':>12} {'octavo ms':>10} {'tok/s':>9} {'of roofline':>12} "
           f"{'transformers ms':>16} {'octavo is':>10}")
     for batch, r in rows.items():
-        if "octavo" not in r:
-            continue
         hf = r.get("transformers")
         hf_ms, ratio = (f"{hf * 1e3:.3f}", f"{hf / r['octavo']:.1f}x") if hf else ("-", "-")
         print(f"{batch:>5} {r['context']:>8.0f} {r['roofline'] * 1e3:>12.3f} {r['octavo'] * 1e3:>10.3f} "
