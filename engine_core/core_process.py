@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shutil
 import signal
 import sys
 import threading
@@ -138,11 +139,14 @@ class EngineCoreProc:
             self.output_thread.join(timeout=_SEND_LINGER_MS / 1000 + 1)
 
 
-def _watch_lifeline(fd: int) -> None:
+def _watch_lifeline(fd: int, ipc_dir: str) -> None:
     # Raw reads: a thread blocked inside sys.stdin's buffered reader holds its lock, and the
     # interpreter aborts when it cannot take that lock at exit.
     while os.read(fd, 4096):
         pass  # EOF: the frontend closed the pipe or exited
+    # The socket directory serves this engine alone (a restarted engine gets a new one), so
+    # nobody needs it now; removing it here covers a frontend killed before it could.
+    shutil.rmtree(ipc_dir, ignore_errors=True)
     os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -201,7 +205,8 @@ def main() -> None:
     # Ctrl-C reaches the whole process group; the frontend decides when the engine stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_system_exit)
-    threading.Thread(target=_watch_lifeline, args=(sys.stdin.fileno(),), name="lifeline", daemon=True).start()
+    ipc_dir = os.path.dirname(input_addr.removeprefix("ipc://"))
+    threading.Thread(target=_watch_lifeline, args=(sys.stdin.fileno(), ipc_dir), name="lifeline", daemon=True).start()
     sys.exit(run_engine_core(config, input_addr, output_addr))
 
 

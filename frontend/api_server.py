@@ -17,8 +17,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from engine_core.config import EngineConfig
 from engine_core.protocol import EngineReady
-from frontend.engine_client import EngineClient, EngineStartError
-from frontend.errors import APIError, engine_dead, invalid_param
+from frontend.engine_client import EngineStartError
+from frontend.engine_supervisor import EngineSupervisor, RestartPolicy
+from frontend.errors import APIError, engine_dead, invalid_param, shutting_down
 from frontend.openai_protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
 from frontend.serving import AdmissionLimit, ServerState, decode_body, json_response
 from frontend.serving_chat import create_chat_completion
@@ -30,10 +31,10 @@ from metrics.prometheus import PrometheusStatLogger
 logger = logging.getLogger("octavo")
 
 MAX_BODY_BYTES = 16 << 20  # larger bodies get a 413 before they are parsed
-# After the engine dies, keep answering (503) this long so health checks and in-flight
-# clients see why, then exit non-zero for the supervisor to restart us.
-DEAD_ENGINE_GRACE_S = 5.0
-_SHUTDOWN_TIMEOUT_S = 5.0
+# How long aiohttp then waits for handlers to send what they have (requests still running
+# were already ended with an error, so this is only their last write).
+_HANDLER_SHUTDOWN_TIMEOUT_S = 5.0
+_DRAIN_POLL_S = 0.05
 
 STATE = web.AppKey("state", ServerState)
 METRICS = web.AppKey("metrics", PrometheusStatLogger)
@@ -72,9 +73,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 async def health(request: web.Request) -> web.Response:
-    client = request.app[STATE].client
-    if client.dead_reason is not None:
-        return _error_response(engine_dead(client.dead_reason))
+    state = request.app[STATE]
+    if state.draining.is_set():
+        return _error_response(shutting_down("draining the requests in progress"))
+    if state.client.dead_reason is not None:
+        return _error_response(engine_dead(state.client.dead_reason))
     return web.Response()
 
 
@@ -166,14 +169,18 @@ class ServerArgs:
     api_key: str | None
     served_model_names: list[str] | None
     max_waiting_requests: int  # admitted beyond max_num_seqs; past it, 503 (see AdmissionLimit)
+    shutdown_timeout: float  # seconds requests in progress get after SIGTERM
     metrics_compat: str | None = None  # "vllm": /metrics also under vLLM's names
+    restart_policy: RestartPolicy = RestartPolicy()
+    request_timeout: float | None = None  # seconds; None: no deadline
 
 
 async def serve(config: EngineConfig, args: ServerArgs) -> int:
-    """Run the server until SIGINT / SIGTERM (exit code 0) or the engine's death (1)."""
-    client = EngineClient(config)
+    """Run the server until SIGINT / SIGTERM (exit code 0, after draining) or until the
+    engine dies more often than the restart policy allows (1)."""
+    engine = EngineSupervisor(config, args.restart_policy)
     try:
-        starting = asyncio.ensure_future(client.start())
+        starting = asyncio.ensure_future(engine.start())
         await asyncio.to_thread(import_transformers)
         try:
             ready = await starting
@@ -189,10 +196,13 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
         prometheus = PrometheusStatLogger(names[0], ready.max_model_len, _cache_config_info(config, ready),
                                           _num_speculative_tokens(config), args.metrics_compat)
         log_stats = LoggingStatLogger()
-        client.stat_loggers = [prometheus, log_stats]
+        engine.client.stat_loggers = [prometheus, log_stats]
+        engine.on_restart = prometheus.engine_restarts.inc
+        engine.supervise()
         admission = AdmissionLimit(config.max_num_seqs + args.max_waiting_requests)
-        app = build_app(ServerState(client, tokenizer, ready, names, args.api_key, admission), prometheus)
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
+        state = ServerState(engine, tokenizer, ready, names, args.api_key, admission, args.request_timeout)
+        runner = web.AppRunner(build_app(state, prometheus), handler_cancellation=True,
+                               shutdown_timeout=_HANDLER_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         try:
             try:
@@ -203,13 +213,13 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
             logger.info("listening on http://%s:%d (OpenAI API under /v1)", args.host, args.port)
             log_task = asyncio.create_task(_log_stats_periodically(log_stats), name="log-stats")
             try:
-                return await _wait_for_exit(client)
+                return await _run_until_stopped(state, args.shutdown_timeout)
             finally:
                 log_task.cancel()
         finally:
             await runner.cleanup()
     finally:
-        await client.shutdown()
+        await engine.shutdown()
 
 
 def _cache_config_info(config: EngineConfig, ready: EngineReady) -> dict[str, str]:
@@ -234,21 +244,29 @@ async def _log_stats_periodically(log_stats: LoggingStatLogger) -> None:
         log_stats.log()
 
 
-async def _wait_for_exit(client: EngineClient) -> int:
-    stop = asyncio.Event()
+async def _run_until_stopped(state: ServerState, shutdown_timeout: float) -> int:
+    """Serve until a stop signal, then drain: admit nothing new (503, and /health 503 so load
+    balancers stop sending), let running requests finish for up to `shutdown_timeout`
+    seconds (a second signal cuts that short), end the rest with an error. Or, exit 1 at
+    once when the engine cannot be kept running."""
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    stopped, died = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(client.dead.wait())
-    await asyncio.wait({stopped, died}, return_when=asyncio.FIRST_COMPLETED)
-    if stopped.done():
-        died.cancel()
-        logger.info("shutting down")
-        return 0
-    logger.error("the engine is dead (%s): answering 503 for %.0f s, then exiting", client.dead_reason,
-                 DEAD_ENGINE_GRACE_S)
-    try:
-        await asyncio.wait_for(stopped, DEAD_ENGINE_GRACE_S)
-    except asyncio.TimeoutError:
-        pass
-    return 1
+    stopped, gave_up = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(state.engine.gave_up.wait())
+    await asyncio.wait({stopped, gave_up}, return_when=asyncio.FIRST_COMPLETED)
+    if gave_up.done():
+        stopped.cancel()
+        return 1
+    gave_up.cancel()
+    state.draining.set()
+    stop.clear()
+    deadline = loop.time() + shutdown_timeout
+    logger.info("shutting down: waiting up to %.0f s for %d requests in progress", shutdown_timeout,
+                state.admission.admitted)
+    while state.admission.admitted and loop.time() < deadline and not stop.is_set():
+        await asyncio.sleep(_DRAIN_POLL_S)
+    if state.admission.admitted:
+        logger.warning("shutting down: ending %d requests still in progress", state.admission.admitted)
+        state.client.fail_all(shutting_down("the request did not finish within the shutdown timeout"))
+    return 0

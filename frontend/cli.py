@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
 
 from engine_core.config import DEVICES, DTYPES, EngineConfig, SpeculativeConfig
+from frontend.engine_supervisor import RestartPolicy
 
 # Enough for bursts; bounded so that overload answers 503 instead of queueing without end.
 DEFAULT_MAX_WAITING_REQUESTS = 1024
+# After SIGTERM, how long requests in progress may take to finish: under Kubernetes' default
+# 30 s grace period, so they end with our error rather than a SIGKILL.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 25.0
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -29,6 +34,16 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
     return value
 
 
@@ -57,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-waiting-requests", type=_non_negative_int, default=DEFAULT_MAX_WAITING_REQUESTS,
                         metavar="N", help="requests admitted beyond --max-num-seqs (waiting for the engine); past "
                         "it new requests get 503 with Retry-After at once (default: %(default)s)")
+    lifetime = serve.add_argument_group("lifetime")
+    lifetime.add_argument("--shutdown-timeout", type=_positive_seconds, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                          metavar="SECONDS", help="after SIGTERM / SIGINT, how long requests in progress may take "
+                          "to finish; new ones get 503 meanwhile (default: %(default)s)")
+    lifetime.add_argument("--request-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                          help="end a request that runs longer than this with a 408 error, freeing its KV cache; "
+                          "a request's own `request_timeout` field overrides it (default: none)")
+    lifetime.add_argument("--max-engine-restarts", type=_non_negative_int, default=RestartPolicy.max_restarts,
+                          metavar="N", help="start a new engine core when it dies, unless it died more than N times "
+                          "within --engine-restart-window; then exit 1 (default: %(default)s; 0: never restart)")
+    lifetime.add_argument("--engine-restart-window", type=_positive_seconds, default=RestartPolicy.window_s,
+                          metavar="SECONDS", help="the window of --max-engine-restarts (default: %(default)s)")
     engine = serve.add_argument_group("engine")
     engine.add_argument("--max-model-len", type=int, default=defaults.max_model_len,
                         help="context length: prompt plus completion tokens (default: the model's)")
@@ -107,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from frontend.api_server import ServerArgs, serve  # heavy (transformers): after argument errors
 
-    return uvloop.run(serve(config, ServerArgs(args.host, args.port, args.api_key, args.served_model_name,
-                                                max_waiting_requests=args.max_waiting_requests,
-                                                metrics_compat=args.metrics_compat)))
+    return uvloop.run(serve(config, ServerArgs(
+        args.host, args.port, args.api_key, args.served_model_name, max_waiting_requests=args.max_waiting_requests,
+        metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout,
+        request_timeout=args.request_timeout,
+        restart_policy=RestartPolicy(args.max_engine_restarts, args.engine_restart_window))))
 
 
 if __name__ == "__main__":

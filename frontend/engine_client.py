@@ -30,7 +30,7 @@ from engine_core.protocol import (
     RequestType,
     UtilityRequest,
 )
-from frontend.errors import APIError, engine_dead
+from frontend.errors import APIError, engine_dead, engine_failed
 from frontend.output_processor import OutputProcessor, RequestState
 from metrics.stats import IterationStats, SchedulerStatsLike, StatLogger
 
@@ -192,14 +192,18 @@ class EngineClient:
         if self.dead_reason is not None:
             return
         self.dead_reason = reason
-        error = engine_dead(reason)
+        self.fail_all(engine_failed(reason))
+        self.dead.set()
+
+    def fail_all(self, error: APIError) -> None:
+        """End every request and utility call in flight with `error`; the engine's own
+        copies, if it still runs, are dropped when it shuts down."""
         iteration = IterationStats(time.time())
         self.processor.fail_all(error, iteration)
         self._record_stats(None, iteration)
         for future in self._utility_calls.values():
             if not future.done():
                 future.set_exception(error)
-        self.dead.set()
 
     # ---------------------------------------------------------------- shutdown
 

@@ -36,12 +36,31 @@ def invalid_param(param: str | None, message: str) -> APIError:
     return APIError(400, message, param=param, code="invalid_value" if param else None)
 
 
-def engine_dead(reason: str) -> APIError:
-    return APIError(503, f"The engine is not running: {reason}", code="engine_dead")
-
-
 # Clients (the OpenAI SDK among them) wait this long before retrying a 503.
 OVERLOADED_RETRY_AFTER_S = 1
+# While the engine restarts: about the time the default model takes to load on a CPU.
+ENGINE_RESTART_RETRY_AFTER_S = 5
+
+
+def engine_dead(reason: str) -> APIError:
+    """For requests that arrive while the engine is down (restarting, or gone for good)."""
+    return APIError(503, f"The engine is not running: {reason}", code="engine_dead",
+                    headers={"Retry-After": str(ENGINE_RESTART_RETRY_AFTER_S)})
+
+
+def engine_failed(reason: str) -> APIError:
+    """For requests the engine was serving when it died: their work is lost, a retry starts over."""
+    return APIError(500, f"The engine died while serving this request: {reason}", code="engine_dead")
+
+
+def shutting_down(detail: str) -> APIError:
+    return APIError(503, f"The server is shutting down: {detail}", code="shutting_down",
+                    headers={"Retry-After": str(OVERLOADED_RETRY_AFTER_S)})
+
+
+def request_timed_out(timeout_s: float) -> APIError:
+    return APIError(408, f"The request ran longer than its timeout of {timeout_s:g} s and was stopped.",
+                    param="request_timeout", code="request_timeout")
 
 
 def overloaded(limit: int) -> APIError:

@@ -8,7 +8,7 @@ JSON types cannot express are in `GenerationRequest.sampling_params`.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -16,6 +16,7 @@ from engine_core.protocol import MAX_LOGPROBS, SamplingParams
 from frontend.errors import from_value_error, invalid_param
 
 MAX_N = 128  # OpenAI's limit on `n`
+MAX_REQUEST_TIMEOUT_S = 86400.0  # a day: a bound that keeps the deadline arithmetic finite
 
 
 # ---------------------------------------------------------------- requests
@@ -66,6 +67,8 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Octavo's: seconds this request may run (overrides --request-timeout); past it, a 408.
+    request_timeout: Annotated[float, msgspec.Meta(gt=0.0, le=MAX_REQUEST_TIMEOUT_S)] | None = None
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:

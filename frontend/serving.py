@@ -3,11 +3,12 @@ context-length checks, SSE framing and logprob formatting."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import msgspec
@@ -16,7 +17,8 @@ from aiohttp import web
 from engine_core.protocol import EngineCoreRequest, EngineReady, Logprobs, SamplingParams
 from frontend.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from frontend.engine_client import EngineClient
-from frontend.errors import APIError, from_decode_error, invalid_param, overloaded
+from frontend.engine_supervisor import EngineSupervisor
+from frontend.errors import APIError, from_decode_error, invalid_param, overloaded, request_timed_out, shutting_down
 from frontend.openai_protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob, Usage
 from frontend.output_processor import ChoiceDelta, RequestOutputCollector, RequestState
 from frontend.tokenizer import ModelTokenizer
@@ -52,12 +54,19 @@ class AdmissionLimit:
 
 @dataclass(frozen=True)
 class ServerState:
-    client: EngineClient
+    engine: EngineSupervisor
     tokenizer: ModelTokenizer
     ready: EngineReady
     model_names: list[str]  # the first is the name responses carry by default
     api_key: str | None
     admission: AdmissionLimit
+    request_timeout: float | None  # seconds; a request's own `request_timeout` overrides it
+    draining: asyncio.Event = field(default_factory=asyncio.Event)  # set at SIGTERM: admit nothing new
+
+    @property
+    def client(self) -> EngineClient:
+        """The engine now serving (after a restart, the new one)."""
+        return self.engine.client
 
     def check_model(self, model: str | None) -> str:
         if model is None:
@@ -109,13 +118,19 @@ def child_params(params: SamplingParams, index: int) -> SamplingParams:
 
 class Generation:
     """The engine requests behind one HTTP request, one per choice, sharing one collector.
-    Admitted (or refused with 503) on creation; its handler must `close()` it."""
+    Admitted (or refused with 503) on creation; its handler must `close()` it. Past its
+    timeout (the request's own, else the server's) it raises a 408 and its handler's
+    `close()` aborts it, freeing its KV cache."""
 
     def __init__(self, state: ServerState, request_id: str, prompts: list[list[int]],
                  params: list[SamplingParams], stop: list[str], include_stop_str_in_output: bool,
-                 skip_special_tokens: bool) -> None:
+                 skip_special_tokens: bool, timeout: float | None = None) -> None:
+        if state.draining.is_set():
+            raise shutting_down("it finishes the requests in progress and admits no new ones")
         self.request_id = request_id
         self.client = state.client
+        self.timeout = state.request_timeout if timeout is None else timeout
+        self.deadline = None if self.timeout is None else asyncio.get_running_loop().time() + self.timeout
         self.collector = RequestOutputCollector()
         self.unfinished: dict[int, str] = {}  # choice index -> engine request id
         self.admission = state.admission
@@ -141,7 +156,14 @@ class Generation:
         return not self.unfinished
 
     async def next(self) -> dict[int, ChoiceDelta]:
-        deltas = await self.collector.get()
+        if self.deadline is None:
+            deltas = await self.collector.get()
+        else:
+            try:
+                deltas = await asyncio.wait_for(self.collector.get(),
+                                                self.deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                raise request_timed_out(self.timeout) from None
         for index, delta in deltas.items():
             if delta.finished:
                 self.unfinished.pop(index, None)

@@ -43,7 +43,7 @@ async def create_chat_completion(state: ServerState, request: web.Request) -> we
     params = body.sampling_params(max_tokens, num_top if body.logprobs else None, None, state.ready.vocab_size)
     generation = Generation(state, new_request_id("chatcmpl"), [prompt] * body.n,
                             [child_params(params, i) for i in range(body.n)], body.stop_strings(),
-                            body.include_stop_str_in_output, body.skip_special_tokens)
+                            body.include_stop_str_in_output, body.skip_special_tokens, body.request_timeout)
     try:
         if body.stream:
             return await stream_sse(request, _stream(state, body, generation, model, len(prompt), num_top))

@@ -71,7 +71,7 @@ async def create_completion(state: ServerState, request: web.Request) -> web.Str
         choice_prompts += [ids] * body.n
         choice_params += [child_params(params, i) for i in range(body.n)]
     generation = Generation(state, new_request_id("cmpl"), choice_prompts, choice_params, body.stop_strings(),
-                            body.include_stop_str_in_output, body.skip_special_tokens)
+                            body.include_stop_str_in_output, body.skip_special_tokens, body.request_timeout)
     num_prompt_tokens = sum(len(ids) for _, ids in prompts)
     try:
         if body.stream:

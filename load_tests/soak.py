@@ -70,7 +70,8 @@ def rss_mib(pid: int) -> float:
 
 class RssMonitor:
     """Samples the resident set of fixed processes until stopped; remembers the last sample
-    before the warm-up ended and the latest one."""
+    before the warm-up ended, the latest one, and every sample after the warm-up (for the
+    slope: a leak shows as a steady climb even when it stays under the growth bound)."""
 
     def __init__(self, pids: list[int], warmup_s: float) -> None:
         self.pids = pids
@@ -78,18 +79,32 @@ class RssMonitor:
         self.baseline: dict[int, float] = {}
         self.latest: dict[int, float] = {}
         self.peak: dict[int, float] = {}
+        self.after_warmup: dict[int, list[tuple[float, float]]] = {pid: [] for pid in pids}  # (s, MiB)
 
-    def sample(self) -> None:
+    def sample(self, elapsed: float) -> None:
         self.latest = {pid: rss_mib(pid) for pid in self.pids}
         self.peak = {pid: max(self.peak.get(pid, 0.0), rss) for pid, rss in self.latest.items()}
+        if elapsed > self.warmup_s:
+            for pid, rss in self.latest.items():
+                self.after_warmup[pid].append((elapsed, rss))
 
     async def watch(self) -> None:
         start = time.monotonic()
         while True:
-            self.sample()
+            self.sample(time.monotonic() - start)
             if time.monotonic() - start <= self.warmup_s or not self.baseline:
                 self.baseline = dict(self.latest)
             await asyncio.sleep(_RSS_SAMPLE_S)
+
+    def slope_mib_per_hour(self, pid: int) -> float:
+        """Least-squares slope of the samples after the warm-up."""
+        points = self.after_warmup[pid]
+        if len(points) < 2:
+            return 0.0
+        mean_t = sum(t for t, _ in points) / len(points)
+        mean_m = sum(m for _, m in points) / len(points)
+        var_t = sum((t - mean_t) ** 2 for t, _ in points)
+        return 3600.0 * sum((t - mean_t) * (m - mean_m) for t, m in points) / var_t
 
 
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,6 +116,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         if args.endpoint == "chat":
             prompts = await as_text(session, target.base_url, prompts)
         forever = (prompts[i % len(prompts)] for i in range(MAX_REQUESTS))
+        started = time.monotonic()
         watcher = asyncio.create_task(monitor.watch())
         with tqdm(disable=args.disable_tqdm, desc="soak requests") as progress:
             results, duration = await run(session, target, plan(forever, parse_mix(args.mix), args.seed),
@@ -108,7 +124,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                                           args.request_timeout, args.seed, progress)
         state = await wait_idle(session, target.base_url, target.headers, args.settle_timeout)
         watcher.cancel()
-        monitor.sample()
+        monitor.sample(time.monotonic() - started)
     summary = summarize(results, duration, {})
     growth = {pid: monitor.latest[pid] - monitor.baseline[pid] for pid in pids}
     checks = {
@@ -122,12 +138,14 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     print(f"server state after the run: {state}")
     for pid in pids:
         print(f"pid {pid}: RSS {monitor.baseline[pid]:.0f} MiB after warm-up -> {monitor.latest[pid]:.0f} MiB "
-              f"at the end (peak {monitor.peak[pid]:.0f}, growth {growth[pid]:+.1f} MiB)")
+              f"at the end (peak {monitor.peak[pid]:.0f}, growth {growth[pid]:+.1f} MiB, slope after the "
+              f"warm-up {monitor.slope_mib_per_hour(pid):+.2f} MiB/hour)")
     for name, passed in checks.items():
         print(f"{'PASS' if passed else 'FAIL'}  {name}")
     extra = {"server_state": state, "checks": checks, "passed": all(checks.values()),
              "rss_mib": {str(pid): {"baseline": monitor.baseline[pid], "end": monitor.latest[pid],
-                                    "peak": monitor.peak[pid]} for pid in pids}}
+                                    "peak": monitor.peak[pid], "slope_mib_per_hour": monitor.slope_mib_per_hour(pid)}
+                        for pid in pids}}
     if args.result_file:
         write_json(args.result_file, args, target, summary, extra)
     return {**summary, **extra}

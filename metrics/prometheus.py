@@ -68,6 +68,7 @@ class PrometheusStatLogger:
         self.preemptions = self._counter("num_preemptions", "Requests preempted (KV cache full).")
         self.prompt_tokens = self._counter("prompt_tokens", "Prompt tokens of requests whose prefill finished.")
         self.generation_tokens = self._counter("generation_tokens", "Generated tokens.")
+        self.engine_restarts = self._counter("engine_restarts", "Engine-core processes started after one died.")
         success = self._family(Counter, "request_success", "Finished requests by finish reason.",
                                ("model_name", "finished_reason"))
         self.request_success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}

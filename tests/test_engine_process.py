@@ -176,7 +176,7 @@ def test_killed_engine_fails_in_flight_requests_at_once(engine):
     started = time.monotonic()
     delta = engine.run(engine.collect(collector))
     assert time.monotonic() - started < 1.0
-    assert delta.finish_reason == "error" and delta.error is not None and delta.error.status == 503
+    assert delta.finish_reason == "error" and delta.error is not None and delta.error.status == 500
     assert engine.client.dead.is_set() and "-9" in (engine.client.dead_reason or "")
     with pytest.raises(APIError) as raised:
         engine.submit(GREEDY)

@@ -538,6 +538,22 @@ def test_disconnect_mid_stream_aborts_the_request(server):
     assert wait_for_free_blocks(server, idle) == idle
 
 
+def test_a_request_past_its_timeout_ends_with_408_and_frees_its_kv_cache(server):
+    idle = kv_free_blocks(server)
+    started = time.monotonic()
+    status, body = request(server, "POST", "/v1/chat/completions",
+                           {**LONG_STREAM, "stream": False, "request_timeout": 0.5}, auth())
+    assert status == 408 and body["error"]["code"] == "request_timeout", body
+    assert "0.5 s" in body["error"]["message"]
+    assert time.monotonic() - started < 10
+    status, raw = request(server, "POST", "/v1/chat/completions", {**LONG_STREAM, "request_timeout": 0.5}, auth())
+    assert status == 200
+    assert raw.index(b'"code":"request_timeout"') < raw.index(b"data: [DONE]")
+    assert wait_for_free_blocks(server, idle) == idle
+    status, body = request(server, "POST", "/v1/chat/completions", {**LONG_STREAM, "request_timeout": 0}, auth())
+    assert status == 400 and body["error"]["param"] == "request_timeout"
+
+
 def test_disconnect_during_a_non_streaming_request_aborts_it(server):
     idle = kv_free_blocks(server)
     body = json.dumps({**LONG_STREAM, "stream": False}).encode()

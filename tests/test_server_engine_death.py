@@ -1,71 +1,189 @@
-"""Killing the engine-core process under a live server: /health turns 503 within a second,
-in-flight requests end with an error (an error event before [DONE] for streams), new ones get
-503, and the API process exits on its own instead of hanging."""
+"""The server's lifetime with real processes: the engine core killed under load (requests in
+flight end at once with an error, /health goes 503, a new engine comes up, a crash loop makes
+the server exit 1), SIGTERM under load (drain, then exit 0), and the server itself killed (its
+engine and socket directory go with it)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
 import time
 
+import openai
+
 from test_server import API_KEY, CHAT, MODEL, ServerProcess, engine_is_gone, request
 
-
-def raw_post(port: int, body: dict, sink: list[bytes]) -> None:
-    """POST and keep everything the server sends, until it closes or the body ends."""
-    payload = json.dumps(body).encode()
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                     b"Content-Type: application/json\r\n"
-                     + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
-        sock.settimeout(60)
-        while data := sock.recv(1 << 16):
-            sink.append(data)
+LONG_CHAT = {"model": MODEL, "messages": CHAT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
 
 
-def test_killing_the_engine():
-    server = ServerProcess("--max-model-len", "512", "--api-key", API_KEY)
+class RawPost(threading.Thread):
+    """POST in a thread, keeping everything the server sends and when it closed."""
+
+    def __init__(self, port: int, body: dict) -> None:
+        super().__init__()
+        self.port, self.body = port, body
+        self.data = b""
+        self.ended_at = 0.0
+
+    def run(self) -> None:
+        payload = json.dumps(self.body).encode()
+        with socket.create_connection(("127.0.0.1", self.port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                         b"Content-Type: application/json\r\n"
+                         + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                         + payload)
+            sock.settimeout(120)
+            while chunk := sock.recv(1 << 16):
+                self.data += chunk
+        self.ended_at = time.monotonic()
+
+    @property
+    def status(self) -> int:
+        return int(self.data.split(b" ", 2)[1])
+
+    def has_text(self) -> bool:
+        return b'"content":"' in self.data.replace(b'"content":""', b"")
+
+
+def start_streams(server: ServerProcess, count: int, body: dict) -> list[RawPost]:
+    posts = [RawPost(server.port, body) for _ in range(count)]
+    for post in posts:
+        post.start()
+    deadline = time.monotonic() + 120
+    while not all(post.has_text() for post in posts):
+        assert time.monotonic() < deadline, "the streams never produced text"
+        time.sleep(0.05)
+    return posts
+
+
+def ipc_dir(engine_pid: int) -> str:
+    """The engine core's socket directory, from its command line (ipc://DIR/input ...)."""
+    with open(f"/proc/{engine_pid}/cmdline", "rb") as f:
+        args = f.read().split(b"\0")
+    address = next(a.decode() for a in args if a.startswith(b"ipc://"))
+    return os.path.dirname(address.removeprefix("ipc://"))
+
+
+def engine_pids(server: ServerProcess) -> list[int]:
+    return [int(pid) for pid in re.findall(r"started the engine core process \(pid (\d+)\)", server.log_text())]
+
+
+def wait_for_health(server: ServerProcess, status: int, timeout: float) -> float:
+    """Seconds until /health answers `status`."""
+    start = time.monotonic()
+    while True:
+        try:
+            if request(server, "GET", "/health", timeout=5)[0] == status:
+                return time.monotonic() - start
+        except OSError:
+            pass
+        assert time.monotonic() - start < timeout, f"/health did not answer {status} within {timeout} s"
+        time.sleep(0.02)
+
+
+def test_a_killed_engine_is_replaced_and_a_crash_loop_ends_the_server():
+    server = ServerProcess("--max-model-len", "512", "--api-key", API_KEY, "--max-engine-restarts", "1")
     try:
-        body = {"model": MODEL, "messages": CHAT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
-        streamed: list[bytes] = []
-        unstreamed: list[bytes] = []
-        threads = [threading.Thread(target=raw_post, args=(server.port, {**body, "stream": True}, streamed)),
-                   threading.Thread(target=raw_post, args=(server.port, body, unstreamed))]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 60
-        while b'"content":"' not in b"".join(streamed).replace(b'"content":""', b""):
-            assert time.monotonic() < deadline, "the stream never produced text"
-            time.sleep(0.02)
+        streams = start_streams(server, 9, {**LONG_CHAT, "stream": True})
+        unstreamed = RawPost(server.port, LONG_CHAT)
+        unstreamed.start()
+        first_engine = server.engine_pid
+        first_ipc_dir = ipc_dir(first_engine)
+        time.sleep(0.5)  # the non-streaming request reaches the engine
 
-        engine_pid = server.engine_pid
-        os.kill(engine_pid, signal.SIGKILL)
+        os.kill(first_engine, signal.SIGKILL)
         killed = time.monotonic()
-        while request(server, "GET", "/health")[0] != 503:
+        assert wait_for_health(server, 503, timeout=5) < 1.0
+        # Every request in flight ends at once: streams with an error event, then [DONE].
+        for post in [*streams, unstreamed]:
+            post.join(timeout=30)
+            assert not post.is_alive(), "an in-flight request hung"
+            assert post.ended_at - killed < 1.0
+        for post in streams:
+            assert post.data.index(b'data: {"error":') < post.data.index(b"data: [DONE]")
+            assert b'"code":"engine_dead"' in post.data
+        assert unstreamed.status == 500 and b'"code":"engine_dead"' in unstreamed.data
+
+        # While the new engine loads, new requests get 503 with Retry-After.
+        conn_status, body = request(server, "POST", "/v1/chat/completions", {**LONG_CHAT, "max_tokens": 2},
+                                    {"Authorization": f"Bearer {API_KEY}"})
+        assert conn_status in (200, 503)
+        if conn_status == 503:
+            assert body["error"]["code"] == "engine_dead"
+
+        assert wait_for_health(server, 200, timeout=30) < 30
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+        reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, temperature=0)
+        assert reply.choices[0].finish_reason == "length"
+        pids = engine_pids(server)
+        assert len(pids) == 2 and engine_is_gone(first_engine)
+        assert not os.path.exists(first_ipc_dir)
+        metrics = request(server, "GET", "/metrics")[1].decode()
+        assert re.search(r'^octavo:engine_restarts_total\{model_name="[^"]+"\} 1\.0$', metrics, re.MULTILINE)
+
+        # A second death within the window is one more than --max-engine-restarts allows.
+        second_engine, second_ipc_dir = pids[1], ipc_dir(pids[1])
+        os.kill(second_engine, signal.SIGKILL)
+        assert server.proc.wait(timeout=30) == 1
+        assert engine_is_gone(second_engine) and not os.path.exists(second_ipc_dir)
+        assert "giving up" in server.log_text()
+        server.remove_log()
+    finally:
+        server.stop()
+
+
+def test_sigterm_drains_requests_in_progress_then_exits_0():
+    server = ServerProcess("--max-model-len", "512", "--api-key", API_KEY, "--shutdown-timeout", "3")
+    try:
+        long_streams = start_streams(server, 3, {**LONG_CHAT, "stream": True})
+        short = [RawPost(server.port, {**LONG_CHAT, "max_tokens": 8}) for _ in range(3)]
+        for post in short:
+            post.start()
+        deadline = time.monotonic() + 30
+        while request(server, "GET", "/v1/internal/requests", headers={"Authorization": f"Bearer {API_KEY}"}
+                      )[1]["admitted"] < 6:
+            assert time.monotonic() < deadline, "the short requests were never admitted"
             time.sleep(0.02)
-        assert time.monotonic() - killed < 1.0
+        engine = server.engine_pid
+        engine_ipc_dir = ipc_dir(engine)
 
-        status, error = request(server, "POST", "/v1/chat/completions", {**body, "max_tokens": 4},
-                                {"Authorization": f"Bearer {API_KEY}"})
-        assert status == 503 and error["error"]["code"] == "engine_dead"
+        server.proc.send_signal(signal.SIGTERM)
+        assert wait_for_health(server, 503, timeout=5) < 1.0
+        status, body = request(server, "POST", "/v1/chat/completions", {**LONG_CHAT, "max_tokens": 2},
+                               {"Authorization": f"Bearer {API_KEY}"})
+        assert status == 503 and body["error"]["code"] == "shutting_down"
 
-        for thread in threads:
-            thread.join(timeout=30)
-            assert not thread.is_alive(), "an in-flight request hung"
-        stream = b"".join(streamed)
-        error_at = stream.index(b'data: {"error":')
-        assert stream.index(b"data: [DONE]") > error_at
-        head, _, rest = b"".join(unstreamed).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 503")
-        assert b'"engine_dead"' in rest
+        for post in [*long_streams, *short]:
+            post.join(timeout=60)
+            assert not post.is_alive()
+        # Requests that could finish did; the others got a clear error once the timeout passed.
+        for post in short:
+            assert post.status == 200 and b'"finish_reason":"length"' in post.data
+        for post in long_streams:
+            assert b'"code":"shutting_down"' in post.data
+            assert post.data.index(b'data: {"error":') < post.data.index(b"data: [DONE]")
+        assert server.proc.wait(timeout=30) == 0
+        assert engine_is_gone(engine) and not os.path.exists(engine_ipc_dir)
+        server.remove_log()
+    finally:
+        server.stop()
 
-        # The API process does not hang: it exits by itself, reporting the failure.
-        assert server.proc.wait(timeout=30) != 0
-        assert engine_is_gone(engine_pid)
-        assert "engine core process exited with code -9" in server.log_text()
+
+def test_a_killed_server_takes_its_engine_and_sockets_with_it():
+    server = ServerProcess("--max-model-len", "512")
+    try:
+        engine = server.engine_pid
+        engine_ipc_dir = ipc_dir(engine)
+        server.proc.kill()
+        server.proc.wait()
+        deadline = time.monotonic() + 30
+        while not (engine_is_gone(engine) and not os.path.exists(engine_ipc_dir)):
+            assert time.monotonic() < deadline, "the engine or its socket directory outlived the server"
+            time.sleep(0.05)
         server.remove_log()
     finally:
         server.stop()
