@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import math
 import os
@@ -50,6 +51,7 @@ def _positive_seconds(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     defaults = EngineConfig()
     parser = argparse.ArgumentParser(prog="octavo", description="Octavo: an OpenAI-compatible LLM server.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('octavo')}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve", help="serve a model over the OpenAI API",

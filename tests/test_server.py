@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import importlib.metadata
 import json
 import os
 import re
@@ -178,6 +179,11 @@ def test_serve_help_explains_vllm_flags():
     assert result.returncode == 0
     for flag in VLLM_FLAGS:
         assert flag in result.stdout
+
+
+def test_version_flag():
+    result = octavo("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"octavo {importlib.metadata.version('octavo')}"
 
 
 def test_bad_engine_arguments_fail_before_loading_anything():
