@@ -19,19 +19,19 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     OCTAVO_CACHE_DIR=/models
 
-# Triton compiles small C launchers the first time each kernel runs on a GPU.
-RUN if [ "$TORCH_VARIANT" != cpu ]; then \
-        apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi
+# procps (ps, kill) for whoever debugs a running container; on GPU images also a C compiler:
+# Triton compiles small C launchers the first time each kernel runs.
+RUN apt-get update && apt-get install -y --no-install-recommends procps \
+    && if [ "$TORCH_VARIANT" != cpu ]; then apt-get install -y --no-install-recommends gcc libc6-dev; fi \
+    && rm -rf /var/lib/apt/lists/*
 
 # A virtual environment: Debian's own Python refuses system-wide pip installs (PEP 668).
 RUN python3 -m venv "$VIRTUAL_ENV"
 
-# torch first, from PyTorch's index of the wanted variant (its local version, e.g. +cpu, ranks
-# above PyPI's build of the same version); with it in place our dependency range adds no
-# other torch build.
-RUN pip install "torch==${TORCH_VERSION}" --extra-index-url "${TORCH_INDEX_URL}"
+# torch first, pinned to its local version (+cpu, +cu128, ...): only PyTorch's index has it, so
+# when that index cannot be reached the build fails here instead of quietly installing PyPI's
+# CUDA build (5 GB in a "CPU" image). With it in place our dependency range adds no other torch.
+RUN pip install "torch==${TORCH_VERSION}+${TORCH_VARIANT}" --extra-index-url "${TORCH_INDEX_URL}"
 
 # Dependencies in their own layer, rebuilt only when pyproject.toml changes.
 COPY pyproject.toml README.md /src/
@@ -49,4 +49,8 @@ RUN if [ "$FETCH_MODEL" = 1 ]; then \
     fi
 
 EXPOSE 8000
+# `docker run` alone reports health too (compose sets its own). The start period covers the
+# first start's download and conversion of the default model.
+HEALTHCHECK --interval=10s --timeout=10s --start-period=600s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://localhost:8000/health', timeout=5)"]
 ENTRYPOINT ["octavo", "serve"]
