@@ -22,6 +22,12 @@ from engine_core.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
+# Failed steps in a row, none succeeding between them, that mean the engine is broken rather
+# than a request: a bad request fails alone within a step or two of the failed batch it was
+# in, while a broken device fails every step. Then the error propagates, and the engine-core
+# process dies and is restarted.
+MAX_FAILED_STEPS_IN_A_ROW = 8
+
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
@@ -59,6 +65,7 @@ class EngineCore:
             async_scheduling = info.device.startswith("cuda") and config.speculative_config is None
         # Steps launched on the device and not yet collected, oldest first.
         self.in_flight: deque[SchedulerOutput] = deque()
+        self.num_failed_steps = 0  # in a row
         self.max_in_flight = 2 if async_scheduling else 1
         # Without async scheduling on a GPU (speculative decoding: the next step's drafts need
         # this step's tokens), a step is collected first and the next launched before its
@@ -104,32 +111,65 @@ class EngineCore:
     def step(self) -> EngineCoreOutputs:
         """Schedule and launch a step, then collect the oldest one in flight: with two in
         flight, the host schedules step N+1 and processes step N's outputs while the device
-        computes. (With `collect_first`, the other way round.)"""
-        rejected, self.rejected = self.rejected, []
+        computes. (With `collect_first`, the other way round.) A step the workers fail to
+        run ends only the request to blame (`_recover`)."""
+        outputs, self.rejected = self.rejected, []
         if self.collect_first:
-            outputs, num_tokens = self._collect() if self.in_flight else ([], 0)
-            self._launch()
-            return self.scheduler.make_outputs(rejected + outputs, num_tokens)
-        launched = self._launch()
+            num_tokens = self._collect(outputs) if self.in_flight else 0
+            self._launch(outputs)
+            return self.scheduler.make_outputs(outputs, num_tokens)
+        launched = self._launch(outputs)
         if not self.in_flight or (launched and len(self.in_flight) < self.max_in_flight):
-            return self.scheduler.make_outputs(rejected, 0)
-        outputs, num_tokens = self._collect()
-        return self.scheduler.make_outputs(rejected + outputs, num_tokens)
+            return self.scheduler.make_outputs(outputs, 0)
+        num_tokens = self._collect(outputs)
+        return self.scheduler.make_outputs(outputs, num_tokens)
 
-    def _launch(self) -> bool:
+    def _launch(self, outputs: list[EngineCoreOutput]) -> bool:
         """Schedule and launch a step, if there is work and room in flight."""
         if not self.scheduler.has_unfinished_requests() or len(self.in_flight) >= self.max_in_flight:
             return False
         scheduler_output = self.scheduler.schedule()
-        self.executor.launch(scheduler_output)
+        try:
+            self.executor.launch(scheduler_output)
+        except Exception as e:
+            outputs.extend(self._recover(scheduler_output, e))
+            return False
         self.in_flight.append(scheduler_output)
         return True
 
-    def _collect(self) -> tuple[list[EngineCoreOutput], int]:
-        """The oldest step in flight's outputs, and its number of tokens."""
+    def _collect(self, outputs: list[EngineCoreOutput]) -> int:
+        """Add the oldest step in flight's outputs to `outputs`; return its number of tokens."""
         scheduler_output = self.in_flight.popleft()
-        outputs = self.scheduler.update_from_output(scheduler_output, self.executor.collect())
-        return outputs, scheduler_output.total_num_scheduled_tokens
+        try:
+            runner_output = self.executor.collect()
+        except Exception as e:
+            outputs.extend(self._recover(scheduler_output, e))
+            return 0
+        self.num_failed_steps = 0
+        outputs.extend(self.scheduler.update_from_output(scheduler_output, runner_output))
+        return scheduler_output.total_num_scheduled_tokens
+
+    def _recover(self, failed: SchedulerOutput, error: Exception) -> list[EngineCoreOutput]:
+        """The workers failed to run a step: drop every step in flight, there and here, and
+        let the scheduler end the request that failed alone, or retry a failed batch's
+        requests alone, one per step, to find the one to blame. Returns the error outputs."""
+        self.num_failed_steps += 1
+        if self.num_failed_steps > MAX_FAILED_STEPS_IN_A_ROW:
+            logger.error("%d steps failed in a row, none succeeding: the engine is broken, not a request",
+                         self.num_failed_steps)
+            raise error
+        self.in_flight.clear()
+        self.executor.reset()
+        outputs = self.scheduler.recover_from_failed_step(
+            failed, f"the engine failed to run this request: {type(error).__name__}: {error}")
+        if outputs:
+            logger.error("request %s failed alone and ends with an error", outputs[0].request_id,
+                         exc_info=error)
+        else:
+            logger.warning("a step of %d requests failed (%s: %s): they run alone, one per step, "
+                           "until the cause is found", len(failed.num_scheduled_tokens),
+                           type(error).__name__, error)
+        return outputs
 
     # ---- utility RPC targets ----
 

@@ -25,3 +25,7 @@ class Executor:
 
     def collect(self) -> ModelRunnerOutput:
         return self.worker.model_runner.collect()
+
+    def reset(self) -> None:
+        """Drop every request and step in flight on the workers, after a step failed."""
+        self.worker.model_runner.reset()

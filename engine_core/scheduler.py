@@ -15,6 +15,11 @@ workers after the step that sampled its last token, are scheduled as extra query
 after it. The step verifies them and returns the accepted ones plus one more token; the KV
 written for the rejected ones is stale, so `num_computed_tokens` rolls back over them and the
 next step overwrites it.
+
+A step the workers fail to run must end only the request to blame (`recover_from_failed_step`):
+every running request is preempted by recompute; a request that failed alone finishes with an
+error; those of a failed batch become suspects, and each then runs alone until it samples
+(cleared) or fails (the culprit).
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class Scheduler:
         # Requests the workers must drop at the next step (finished, aborted, preempted).
         self.finished_request_ids: list[str] = []
         self.num_preemptions = 0  # since the last stats
+        # Requests of a failed step not yet run alone: while any is left, each step runs one.
+        self.suspects: set[str] = set()
 
     # ---- requests in and out ----
 
@@ -98,6 +105,40 @@ class Scheduler:
         return max(0, min(self.num_lookahead_tokens, self.max_model_len - num_computed - num_new))
 
     def schedule(self) -> SchedulerOutput:
+        if self.suspects:
+            return self._schedule_suspect()
+        return self._schedule()
+
+    def _schedule_suspect(self) -> SchedulerOutput:
+        """A step of one suspect alone: the one running, or else the first waiting. The normal
+        step runs over a view that holds only it; requests cleared meanwhile keep their KV and
+        sit the step out, and waiting ones stay waiting."""
+        suspect = (next((r for r in self.running if r.request_id in self.suspects), None)
+                   or next((r for r in self.waiting if r.request_id in self.suspects), None))
+        if suspect is None:  # the rest finished or were aborted meanwhile
+            self.suspects.clear()
+            return self._schedule()
+        is_running = suspect.status == RequestStatus.RUNNING
+        others = [r for r in self.running if r is not suspect]
+        if not is_running:
+            # Its whole sequence must fit beside the cleared requests, though the failed batch
+            # may have held only a chunk of it, or prefixes the dropped cache no longer shares:
+            # if not, the newest give their KV back.
+            kv = self.kv_cache_manager
+            num_blocks = -(-(suspect.num_tokens + self.num_lookahead_tokens) // kv.block_size)
+            while others and kv.num_free_blocks < num_blocks:
+                self._preempt(others.pop())
+            self.waiting.remove(suspect)
+        waiting = self.waiting
+        self.running = [suspect] if is_running else []
+        self.waiting = deque() if is_running else deque([suspect])
+        try:
+            return self._schedule()
+        finally:
+            self.running = others + self.running
+            self.waiting.extend(waiting)
+
+    def _schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
         scheduled_spec: dict[str, list[int]] = {}
@@ -214,11 +255,15 @@ class Scheduler:
         """Append sampled tokens, finish requests that hit a stop condition, and return each
         request's delta."""
         outputs: list[EngineCoreOutput] = []
+        if self.suspects:
+            # A suspect that sampled has run a whole step alone: it is cleared.
+            self.suspects.difference_update(runner_output.request_ids)
         scheduled_spec = scheduler_output.scheduled_spec_token_ids
         draft_token_ids = runner_output.draft_token_ids
         for request_id, prompt_logprobs in runner_output.prompt_logprobs.items():
             request = self.requests.get(request_id)
-            if request is not None:
+            # A request preempted after its first output recomputes them: they were sent then.
+            if request is not None and not request.num_output_tokens:
                 request.prompt_logprobs.append(prompt_logprobs)
         for request_id, token_ids in zip(runner_output.request_ids, runner_output.sampled_token_ids):
             request = self.requests.get(request_id)
@@ -252,6 +297,35 @@ class Scheduler:
                     self.waiting.remove(request)
                 self._free(request)
         return outputs
+
+    def recover_from_failed_step(self, failed: SchedulerOutput, error: str) -> list[EngineCoreOutput]:
+        """Recover from a step the workers failed to run, once they have dropped every request
+        and every step in flight. The tokens of those steps are lost, so every running request
+        is preempted by recompute. If the failed step ran one request, it finishes with `error`
+        (its output is returned); a failed batch's requests become suspects instead."""
+        for request in self.requests.values():
+            request.num_output_placeholders = 0  # their steps were dropped unsampled
+        for request in reversed(self.running):
+            self._preempt(request)  # appended left: the waiting queue keeps their order
+        self.running = []
+        # A block enters the prefix cache when it is allocated, before the step that writes it
+        # runs: those of the dropped steps may hold garbage. No request holds a block now, so
+        # the whole cache goes rather than telling them apart.
+        self.kv_cache_manager.reset_prefix_cache()
+        request_ids = list(failed.num_scheduled_tokens)
+        if len(request_ids) != 1:
+            self.suspects.update(r for r in request_ids if r in self.requests)
+            return []
+        culprit = self.requests.get(request_ids[0])
+        if culprit is None:  # finished or aborted while the step ran
+            return []
+        self.suspects.discard(culprit.request_id)
+        self.waiting.remove(culprit)
+        culprit.finish(FinishReason.ERROR)
+        self._free(culprit)
+        return [EngineCoreOutput(request_id=culprit.request_id, new_token_ids=[],
+                                 finish_reason=FinishReason.ERROR, error=error,
+                                 num_cached_tokens=max(culprit.num_cached_tokens, 0))]
 
     def _trim_drafts(self, request: Request, draft_token_ids: list[int]) -> list[int]:
         """Drafts that could all be accepted within max_tokens and max_model_len: verifying k

@@ -21,6 +21,7 @@ class InputBatch:
         self.eos_token_ids = eos_token_ids
         self.device = device
         self.max_model_len = max_model_len
+        self.max_num_reqs = max_num_reqs
         self.req_id_to_row: dict[str, int] = {}
         self.free_rows = list(range(max_num_reqs - 1, -1, -1))
         # +1: a request at max_model_len still stores the token sampled last.
@@ -89,6 +90,14 @@ class InputBatch:
         for sparse in (self.seeds, self.generators, self.logit_bias, self.stop_token_ids):
             sparse.pop(row, None)
         self.free_rows.append(row)
+
+    def clear(self) -> None:
+        """Drop every request, even one half added when a step failed. A row's arrays are all
+        rewritten when it is taken again; only the index and the sparse dicts need emptying."""
+        self.req_id_to_row.clear()
+        self.free_rows = list(range(self.max_num_reqs - 1, -1, -1))
+        for sparse in (self.seeds, self.generators, self.logit_bias, self.stop_token_ids):
+            sparse.clear()
 
     def append_blocks(self, row: int, block_ids: list[int]) -> None:
         start = self.num_blocks[row]

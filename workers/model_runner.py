@@ -129,6 +129,19 @@ class ModelRunner:
                                      logits.float().softmax(dim=-1), None, sampled, temperature == 0, keys, 1)
         torch.cuda.synchronize(self.device)
 
+    def reset(self) -> None:
+        """Forget every request and every step in flight, after a step failed part way (its
+        changes to the batch may be half applied). The scheduler resends the requests it
+        keeps as new ones, recomputed from their tokens."""
+        if self.device.type == "cuda":
+            # The dropped steps' queued copies must land before their buffers are reused; and
+            # a broken device raises here, which must take the engine down, not one request.
+            torch.cuda.synchronize(self.device)
+        self.pending.clear()
+        self.batch.clear()
+        self.prev_sampled = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.prev_sampled_index.fill(-1)
+
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
         batch = self.batch
         for request_id in scheduler_output.finished_request_ids:
