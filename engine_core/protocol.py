@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import math
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -37,61 +37,83 @@ class FinishReason(enum.IntEnum):
         return self.name.lower()
 
 
+MAX_LOGPROBS = 20
+# The widest values the workers' tensors take: token ids and token counts are int32, seeds int64.
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Bounded field types: the OpenAI request structs use them too, so the frontend's decoder
+# refuses (400) what the engine's would.
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
+TokenCount = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
+MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
+Seed = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+NumLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)]
+TopK = Annotated[int, msgspec.Meta(ge=-1, le=INT32_MAX)]
+TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+MinP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+LogitBiasValue = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]
+
+
 class SamplingParams(msgspec.Struct, **_STRUCT):
     """Per-request sampling and stopping controls, as in vLLM (OpenAI's plus vLLM's extras).
 
     `n` and stop strings are not here: the frontend fans `n` out into child requests and
     matches stop strings after detokenization.
+
+    msgspec enforces the field bounds when it decodes, so the engine never takes a value its
+    tensors cannot hold; but the engine drops a message it cannot decode (the request would
+    hang), so whoever builds SamplingParams in Python (the frontend, `LLM`) calls `validate`,
+    which checks everything, those bounds included, before the engine sees it.
     """
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # -1 (or 0) disables top-k
-    min_p: float = 0.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] | None = None
-    max_tokens: int | None = 16  # None: up to max_model_len
-    min_tokens: int = 0
-    stop_token_ids: list[int] = []
+    temperature: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1  # -1 (or 0) disables top-k; so does any k >= the vocabulary size
+    min_p: MinP = 0.0
+    seed: Seed | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
+    logit_bias: dict[TokenId, LogitBiasValue] | None = None
+    max_tokens: MaxTokens | None = 16  # None: up to max_model_len
+    min_tokens: TokenCount = 0
+    stop_token_ids: list[TokenId] = []
     ignore_eos: bool = False
-    logprobs: int | None = None  # number of top alternatives besides the sampled token
-    prompt_logprobs: int | None = None
+    logprobs: NumLogprobs | None = None  # number of top alternatives besides the sampled token
+    prompt_logprobs: NumLogprobs | None = None
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first bad field, its value and the allowed range."""
         check_arg(math.isfinite(self.temperature) and self.temperature >= 0.0,
-               "temperature", self.temperature, "a finite number >= 0")
+                  "temperature", self.temperature, "a finite number >= 0")
         check_arg(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "(0, 1]")
-        check_arg(self.top_k >= -1, "top_k", self.top_k, "-1 (disabled) or >= 1")
+        check_arg(-1 <= self.top_k <= INT32_MAX, "top_k", self.top_k, f"in [-1, {INT32_MAX}] (-1 or 0: disabled)")
         check_arg(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "[0, 1]")
         check_arg(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty, "[-2, 2]")
         check_arg(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", self.frequency_penalty, "[-2, 2]")
         check_arg(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0,
-               "repetition_penalty", self.repetition_penalty, "a finite number > 0")
+                  "repetition_penalty", self.repetition_penalty, "a finite number > 0")
         if self.max_tokens is not None:
             check_arg(self.max_tokens >= 1, "max_tokens", self.max_tokens, ">= 1")
+            check_arg(self.max_tokens <= INT32_MAX, "max_tokens", self.max_tokens, f"<= {INT32_MAX}")
         check_arg(self.min_tokens >= 0, "min_tokens", self.min_tokens, ">= 0")
-        if self.max_tokens is not None:
-            check_arg(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
-                   f"<= max_tokens ({self.max_tokens})")
+        max_min_tokens = INT32_MAX if self.max_tokens is None else self.max_tokens
+        check_arg(self.min_tokens <= max_min_tokens, "min_tokens", self.min_tokens,
+                  f"<= {INT32_MAX}" if self.max_tokens is None else f"<= max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
                 check_arg(0 <= value <= MAX_LOGPROBS, name, value, f"[0, {MAX_LOGPROBS}]")
         if self.seed is not None:
-            check_arg(-(2**63) <= self.seed < 2**63, "seed", self.seed, "a 64-bit integer")
-        if vocab_size is not None:
-            for token_id in self.stop_token_ids:
-                check_arg(0 <= token_id < vocab_size, "stop_token_ids", token_id, f"[0, {vocab_size})")
-            for token_id, bias in (self.logit_bias or {}).items():
-                check_arg(0 <= token_id < vocab_size, "logit_bias", token_id, f"token ids in [0, {vocab_size})")
-                check_arg(-100.0 <= bias <= 100.0, "logit_bias", bias, "biases in [-100, 100]")
-
-
-MAX_LOGPROBS = 20
+            check_arg(INT64_MIN <= self.seed <= INT64_MAX, "seed", self.seed, f"in [{INT64_MIN}, {INT64_MAX}]")
+        # Without the vocabulary size, token ids are held to what the workers' int32 tensors take.
+        num_ids = INT32_MAX + 1 if vocab_size is None else vocab_size
+        for token_id in self.stop_token_ids:
+            check_arg(0 <= token_id < num_ids, "stop_token_ids", token_id, f"token ids in [0, {num_ids})")
+        for token_id, bias in (self.logit_bias or {}).items():
+            check_arg(0 <= token_id < num_ids, "logit_bias", token_id, f"token ids in [0, {num_ids})")
+            check_arg(-100.0 <= bias <= 100.0, "logit_bias", bias, "biases in [-100, 100]")
 
 
 def check_arg(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -127,6 +149,9 @@ class EngineCoreOutput(msgspec.Struct, **_STRUCT):
     stop_reason: int | None = None  # the stop token id that finished the request
     num_cached_tokens: int = 0
     error: str | None = None  # with finish_reason ERROR
+    # With `error`: the engine failed to run the request (its fault, a 500), rather than
+    # refusing the request's values (the client's, a 400).
+    error_is_internal: bool = False
     # When the request was first scheduled (wall clock); with its first output only. The
     # frontend times everything else itself; this splits queue time from prefill time.
     scheduled_time: float = 0.0

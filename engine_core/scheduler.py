@@ -324,7 +324,7 @@ class Scheduler:
         culprit.finish(FinishReason.ERROR)
         self._free(culprit)
         return [EngineCoreOutput(request_id=culprit.request_id, new_token_ids=[],
-                                 finish_reason=FinishReason.ERROR, error=error,
+                                 finish_reason=FinishReason.ERROR, error=error, error_is_internal=True,
                                  num_cached_tokens=max(culprit.num_cached_tokens, 0))]
 
     def _trim_drafts(self, request: Request, draft_token_ids: list[int]) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import importlib.metadata
 import logging
@@ -12,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from engine_core.config import EngineConfig
@@ -21,7 +22,7 @@ from frontend.engine_client import EngineStartError
 from frontend.engine_supervisor import EngineSupervisor, RestartPolicy
 from frontend.errors import APIError, engine_dead, invalid_param, shutting_down
 from frontend.openai_protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
-from frontend.serving import AdmissionLimit, ServerState, decode_body, json_response
+from frontend.serving import AdmissionLimit, ServerState, chat_prompt, check_text_fits, decode_body, json_response
 from frontend.serving_chat import create_chat_completion
 from frontend.serving_completion import create_completion
 from frontend.tokenizer import ModelTokenizer, import_transformers
@@ -35,6 +36,9 @@ MAX_BODY_BYTES = 16 << 20  # larger bodies get a 413 before they are parsed
 # were already ended with an error, so this is only their last write).
 _HANDLER_SHUTDOWN_TIMEOUT_S = 5.0
 _DRAIN_POLL_S = 0.05
+
+# Served without the API key: probes and scrapers, which need no secret and reveal none.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
 
 STATE = web.AppKey("state", ServerState)
 METRICS = web.AppKey("metrics", PrometheusStatLogger)
@@ -65,9 +69,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     api_key = request.app[STATE].api_key
-    if api_key is not None and request.path.startswith("/v1"):
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+    if api_key is not None and request.path not in OPEN_PATHS:
+        # Compared as the bytes sent: aiohttp hands over bytes that are not UTF-8 as lone
+        # surrogates, which a plain str.encode() refuses. Several Authorization headers are
+        # refused: proxies differ on which one counts.
+        given = [value.encode("utf-8", "surrogateescape") for value in request.headers.getall(hdrs.AUTHORIZATION, [])]
+        if len(given) != 1 or not hmac.compare_digest(given[0], f"Bearer {api_key}".encode()):
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
     return await handler(request)
 
@@ -99,9 +106,11 @@ async def tokenize(request: web.Request) -> web.Response:
     if (body.prompt is None) == (body.messages is None):
         raise invalid_param("prompt", "give exactly one of prompt and messages")
     if body.messages is not None:
-        tokens = state.tokenizer.chat_token_ids(body.messages, body.add_generation_prompt)
+        tokens = await chat_prompt(state, body.messages, body.add_generation_prompt)
     else:
-        tokens = state.tokenizer.encode(body.prompt or "", body.add_special_tokens)
+        prompt = body.prompt or ""
+        check_text_fits(state.tokenizer, state.ready.max_model_len, prompt, "prompt")
+        tokens = await state.tokenizer.encode(prompt, body.add_special_tokens)
     return json_response({"count": len(tokens), "max_model_len": state.ready.max_model_len, "tokens": tokens})
 
 
@@ -109,10 +118,10 @@ async def detokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await decode_body(request, DetokenizeRequest)
     state.check_model(body.model)
-    bad = next((t for t in body.tokens if not 0 <= t < state.ready.vocab_size), None)
-    if bad is not None:
-        raise invalid_param("tokens", f"token ids must be in [0, {state.ready.vocab_size}), got {bad}")
-    return json_response({"prompt": state.tokenizer.decode(body.tokens)})
+    # Ids are >= 0 (DetokenizeRequest's bounds): only the largest can be out of the vocabulary.
+    if body.tokens and (largest := max(body.tokens)) >= state.ready.vocab_size:
+        raise invalid_param("tokens", f"token ids must be in [0, {state.ready.vocab_size}), got {largest}")
+    return json_response({"prompt": await state.tokenizer.decode(body.tokens)})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -145,21 +154,42 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 def build_app(state: ServerState, prometheus: PrometheusStatLogger) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY_BYTES)
+    # Bodies are decompressed by decode_body, where a bad one gets a 400 in OpenAI's shape.
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY_BYTES,
+                          handler_args={"auto_decompress": False})
     app[STATE] = state
     app[METRICS] = prometheus
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/version", version)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/tokenize", tokenize)
-    app.router.add_post("/detokenize", detokenize)
-    app.router.add_get("/v1/internal/kv_cache", kv_cache_stats)
-    app.router.add_post("/v1/internal/reset_prefix_cache", reset_prefix_cache)
-    app.router.add_get("/v1/internal/requests", request_stats)
+    routes = [("GET", "/health", health), ("GET", "/metrics", metrics), ("GET", "/version", version),
+              ("GET", "/v1/models", list_models), ("POST", "/v1/chat/completions", chat_completions),
+              ("POST", "/v1/completions", completions), ("POST", "/tokenize", tokenize),
+              ("POST", "/detokenize", detokenize), ("GET", "/v1/internal/kv_cache", kv_cache_stats),
+              ("POST", "/v1/internal/reset_prefix_cache", reset_prefix_cache),
+              ("GET", "/v1/internal/requests", request_stats)]
+    # Every request, a wrong method or an unknown path included, goes through our routes: only
+    # they carry our Expect handler (aiohttp's own answers a non-UTF-8 Expect with a 500).
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler, expect_handler=expect_continue)
+        app.router.add_route("*", path, functools.partial(method_not_allowed, method), expect_handler=expect_continue)
+    app.router.add_route("*", "/{path:.*}", not_found, expect_handler=expect_continue)
     return app
+
+
+async def method_not_allowed(allowed: str, request: web.Request) -> web.Response:
+    raise APIError(405, f"Method Not Allowed: {request.method} {request.path} (allowed: {allowed})",
+                   headers={"Allow": allowed})
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise APIError(404, f"Not Found: {request.method} {request.path}")
+
+
+async def expect_continue(request: web.Request) -> None:
+    """Answers `Expect: 100-continue` as aiohttp's default does, and lets the request go on
+    to the middlewares (the API key) and its handler whatever else it expects: RFC 9110 allows
+    that, where aiohttp's default answers 417 in plain text, or 500 for a value not UTF-8."""
+    if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue" and request.version == HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # not part of the response's size in the access log
 
 
 @dataclass(frozen=True)
@@ -173,6 +203,7 @@ class ServerArgs:
     metrics_compat: str | None = None  # "vllm": /metrics also under vLLM's names
     restart_policy: RestartPolicy = RestartPolicy()
     request_timeout: float | None = None  # seconds; None: no deadline
+    trust_request_chat_template: bool = False  # run a chat template sent in chat_template_kwargs
 
 
 async def serve(config: EngineConfig, args: ServerArgs) -> int:
@@ -200,7 +231,7 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
         engine.on_restart = prometheus.engine_restarts.inc
         engine.supervise()
         admission = AdmissionLimit(config.max_num_seqs + args.max_waiting_requests)
-        state = ServerState(engine, tokenizer, ready, names, args.api_key, admission, args.request_timeout)
+        state = ServerState(engine, tokenizer, ready, names, args.api_key, admission, args.request_timeout, trust_request_chat_template=args.trust_request_chat_template)
         runner = web.AppRunner(build_app(state, prometheus), handler_cancellation=True,
                                shutdown_timeout=_HANDLER_SHUTDOWN_TIMEOUT_S)
         await runner.setup()

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     server.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     server.add_argument("--api-key", default=os.environ.get("OCTAVO_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $OCTAVO_API_KEY; none: open)")
+                        help="require 'Authorization: Bearer KEY' on every path but /health, /metrics and /version "
+                             "(default: $OCTAVO_API_KEY; none: open)")
     server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="the model name(s) clients use; the first is reported in responses "
                              "(default: MODEL, or the default model's name)")
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-waiting-requests", type=_non_negative_int, default=DEFAULT_MAX_WAITING_REQUESTS,
                         metavar="N", help="requests admitted beyond --max-num-seqs (waiting for the engine); past "
                         "it new requests get 503 with Retry-After at once (default: %(default)s)")
+    server.add_argument("--trust-request-chat-template", action="store_true",
+                        help="render a chat template sent in a request's chat_template_kwargs; it is code the server "
+                             "runs, so only where every client is trusted (default: refused with 400)")
     lifetime = serve.add_argument_group("lifetime")
     lifetime.add_argument("--shutdown-timeout", type=_positive_seconds, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
                           metavar="SECONDS", help="after SIGTERM / SIGINT, how long requests in progress may take "
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     return uvloop.run(serve(config, ServerArgs(
         args.host, args.port, args.api_key, args.served_model_name, max_waiting_requests=args.max_waiting_requests,
         metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout,
-        request_timeout=args.request_timeout,
+        request_timeout=args.request_timeout, trust_request_chat_template=args.trust_request_chat_template,
         restart_policy=RestartPolicy(args.max_engine_restarts, args.engine_restart_window))))
 
 

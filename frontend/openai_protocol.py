@@ -1,22 +1,40 @@
 """OpenAI request and response bodies as msgspec structs, plus vLLM's sampling extras.
 
-Request bodies are decoded straight into these structs: a wrong type or a missing field fails
-the decode with the parameter's JSON path, which the server turns into a 400. Range checks that
-JSON types cannot express are in `GenerationRequest.sampling_params`.
+Request bodies are decoded straight into these structs: a wrong type, a missing field or a
+number out of its `msgspec.Meta` bounds fails the decode with the parameter's JSON path, which
+the server turns into a 400. What the bounds cannot express (the vocabulary size, one field
+against another) is checked by `check` and `SamplingParams.validate`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
 import msgspec
 
-from engine_core.protocol import MAX_LOGPROBS, SamplingParams
+from engine_core.protocol import (
+    LogitBiasValue,
+    MaxTokens,
+    MinP,
+    NumLogprobs,
+    Penalty,
+    SamplingParams,
+    Seed,
+    TokenCount,
+    TokenId,
+    TopK,
+    TopP,
+)
 from frontend.errors import from_value_error, invalid_param
 
 MAX_N = 128  # OpenAI's limit on `n`
+# Prompts in one completions request. The admission bound on prompts x n usually refuses fewer;
+# this one holds however large --max-waiting-requests makes that.
+MAX_PROMPTS = 2048
 MAX_REQUEST_TIMEOUT_S = 86400.0  # a day: a bound that keeps the deadline arithmetic finite
+NumChoices = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]  # OpenAI's range
+RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0)]  # JSON has no infinity: finite
 
 
 # ---------------------------------------------------------------- requests
@@ -46,25 +64,25 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     """Fields that chat and text completions share."""
 
     model: str | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[int, float] | None = None
-    max_tokens: int | None = None
-    n: int = 1
-    seed: int | None = None
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
+    logit_bias: dict[TokenId, LogitBiasValue] | None = None
+    max_tokens: MaxTokens | None = None
+    n: NumChoices = 1
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: TokenCount = 0
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Octavo's: seconds this request may run (overrides --request-timeout); past it, a 408.
@@ -76,10 +94,6 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
         return [self.stop] if isinstance(self.stop, str) else self.stop
 
     def check_common(self) -> None:
-        if not 1 <= self.n <= MAX_N:
-            raise invalid_param("n", f"n must be in [1, {MAX_N}], got {self.n}")
-        if self.temperature is not None and not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0):
-            raise invalid_param("temperature", f"temperature must be in [0, 2], got {self.temperature}")
         if self.stream_options is not None and not self.stream:
             raise invalid_param("stream_options", "stream_options is only allowed when stream is true")
 
@@ -111,23 +125,25 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
 
 class ChatCompletionRequest(GenerationRequest, kw_only=True):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: NumLogprobs | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
-    def check(self) -> None:
+    def check(self, trust_request_chat_template: bool) -> None:
         self.check_common()
         if not self.messages:
             raise invalid_param("messages", "messages must contain at least one message")
-        if self.top_logprobs is not None:
-            if not self.logprobs:
-                raise invalid_param("top_logprobs", "top_logprobs requires logprobs to be true")
-            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
-                raise invalid_param("top_logprobs",
-                                    f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid_param("top_logprobs", "top_logprobs requires logprobs to be true")
+        # A Jinja template is code: one from a client could loop for minutes, so it runs only
+        # where the operator trusts every client (vLLM's flag of the same name).
+        if "chat_template" in (self.chat_template_kwargs or {}) and not trust_request_chat_template:
+            raise invalid_param("chat_template_kwargs", "chat_template_kwargs.chat_template: this server does "
+                                "not run a chat template sent by the client; start it with "
+                                "--trust-request-chat-template to allow that")
 
     def requested_max_tokens(self) -> tuple[str, int | None]:
         """The completion budget and the name it was given under (max_completion_tokens wins)."""
@@ -136,25 +152,38 @@ class ChatCompletionRequest(GenerationRequest, kw_only=True):
         return "max_tokens", self.max_tokens
 
 
-PromptInput = str | list[str | int | list[int]]
+PromptInput = str | list[str | TokenId | list[TokenId]]
+_PROMPT_SHAPES = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
 
 
 class CompletionRequest(GenerationRequest, kw_only=True):
     prompt: PromptInput
-    max_tokens: int | None = 16  # OpenAI's default for completions
+    max_tokens: MaxTokens | None = 16  # OpenAI's default for completions
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: NumLogprobs | None = None
+    best_of: NumChoices | None = None
     suffix: str | None = None
 
     def check(self) -> None:
         self.check_common()
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise invalid_param("logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.best_of is not None and self.best_of != self.n:
             raise invalid_param("best_of", "best_of is not supported (only best_of == n)")
         if self.suffix is not None:
             raise invalid_param("suffix", "suffix is not supported")
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt, as text or token ids; cheap, so it runs before any tokenization."""
+        items = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if items and all(isinstance(p, int) for p in items):
+            return [items]  # a single prompt given as token ids
+        if any(isinstance(p, int) for p in items):
+            raise invalid_param("prompt", f"prompt must be {_PROMPT_SHAPES}")
+        if not items or not all(items):
+            raise invalid_param("prompt", "prompt must not be empty")
+        if len(items) > MAX_PROMPTS:
+            raise invalid_param("prompt", f"prompt must be a list of at most {MAX_PROMPTS} prompts, "
+                                f"got {len(items)}")
+        return items
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
@@ -166,7 +195,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
 
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True):
-    tokens: list[int]
+    tokens: list[TokenId]
     model: str | None = None
 
 

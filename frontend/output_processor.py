@@ -115,7 +115,10 @@ class RequestState:
             text, stop = self.stop_matcher.update(text, final=finish is not None)
             if stop is not None:
                 finish_reason, stop_reason, stopped = "stop", stop, finish is None
-        error = APIError(400, output.error or "the engine rejected the request") if finish is FinishReason.ERROR else None
+        error = None
+        if finish is FinishReason.ERROR:
+            error = (APIError(500, output.error or "the engine failed", code="internal_error")
+                     if output.error_is_internal else APIError(400, output.error or "the engine rejected the request"))
         self.collector.put(self.index, ChoiceDelta(text, token_ids, output.new_logprobs, output.prompt_logprobs,
                                                    finish_reason, stop_reason, error, self.num_output_tokens))
         if finish_reason is not None:

@@ -7,19 +7,30 @@ import asyncio
 import logging
 import time
 import uuid
+import zlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from engine_core.protocol import EngineCoreRequest, EngineReady, Logprobs, SamplingParams
+from engine_core.protocol import INT64_MIN, EngineCoreRequest, EngineReady, Logprobs, SamplingParams
 from frontend.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from frontend.engine_client import EngineClient
 from frontend.engine_supervisor import EngineSupervisor
-from frontend.errors import APIError, from_decode_error, invalid_param, overloaded, request_timed_out, shutting_down
-from frontend.openai_protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob, Usage
+from frontend.errors import (
+    APIError,
+    from_decode_error,
+    invalid_param,
+    overloaded,
+    request_timed_out,
+    shutting_down,
+    undecodable_body,
+    unsupported_content_encoding,
+    unsupported_media_type,
+)
+from frontend.openai_protocol import ChatLogprobs, ChatMessage, CompletionLogprobs, TokenLogprob, TopLogprob, Usage
 from frontend.output_processor import ChoiceDelta, RequestOutputCollector, RequestState
 from frontend.tokenizer import ModelTokenizer
 
@@ -41,10 +52,18 @@ class AdmissionLimit:
         self.limit = limit
         self.admitted = 0
 
+    def check_request_size(self, num_prompts: int, n: int) -> None:
+        """Refuse (400) a request that alone needs more engine requests than the bound: no
+        retry could ever admit it. Handlers call this before any tokenization."""
+        if num_prompts * n > self.limit:
+            prompts = f"{num_prompts} prompt{'s' if num_prompts > 1 else ''}"
+            raise invalid_param("prompt" if num_prompts > self.limit else "n",
+                                f"This request asks for {num_prompts * n} completions ({prompts} x n = {n}), more "
+                                f"than the {self.limit} this server serves at once. Send fewer prompts or a smaller "
+                                "n per request.")
+
     def acquire(self, num_requests: int) -> None:
-        # A request with more choices than the whole bound still runs when nothing else does;
-        # otherwise it could never be served.
-        if self.admitted and self.admitted + num_requests > self.limit:
+        if self.admitted + num_requests > self.limit:
             raise overloaded(self.limit)
         self.admitted += num_requests
 
@@ -62,6 +81,7 @@ class ServerState:
     admission: AdmissionLimit
     request_timeout: float | None  # seconds; a request's own `request_timeout` overrides it
     draining: asyncio.Event = field(default_factory=asyncio.Event)  # set at SIGTERM: admit nothing new
+    trust_request_chat_template: bool = False  # run a chat template sent in chat_template_kwargs
 
     @property
     def client(self) -> EngineClient:
@@ -76,12 +96,42 @@ class ServerState:
         return model
 
 
+# The Content-Encodings a request body may have, with their zlib window bits (None: as is).
+# aiohttp's own decoding is off (build_app): its errors bypass the middlewares, in plain text.
+BODY_ENCODINGS: dict[str, int | None] = {"identity": None, "gzip": 16 + zlib.MAX_WBITS,
+                                         "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
 async def decode_body(request: web.Request, type_: type[T]) -> T:
+    # JSON bodies only: a web page can make a browser POST a text/plain, form or multipart
+    # body to a server on localhost without a CORS preflight, but never an application/json one.
+    if request.content_type != "application/json":
+        raise unsupported_media_type(request.headers.get(hdrs.CONTENT_TYPE))
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    if encoding not in BODY_ENCODINGS:
+        raise unsupported_content_encoding(encoding, list(BODY_ENCODINGS))
     body = await request.read()  # raises 413 beyond the app's client_max_size
+    wbits = BODY_ENCODINGS[encoding]
+    if wbits is not None:
+        body = _decompress(body, wbits, encoding, request.client_max_size)
     try:
         return msgspec.json.decode(body, type=type_)
-    except (msgspec.DecodeError, UnicodeDecodeError) as e:
-        raise from_decode_error(e) from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise from_decode_error(e, body) from None
+
+
+def _decompress(body: bytes, wbits: int, encoding: str, max_size: int) -> bytes:
+    # Bounded: a few kilobytes of a compressed body can inflate to gigabytes.
+    decompressor = zlib.decompressobj(wbits)
+    try:
+        data = decompressor.decompress(body, max_size + 1)
+    except zlib.error as e:
+        raise undecodable_body(encoding, str(e)) from None
+    if len(data) > max_size:
+        raise APIError(413, f"The request body is larger than {max_size} bytes once decompressed.")
+    if not decompressor.eof or decompressor.unused_data:
+        raise undecodable_body(encoding, "it does not end where the body ends")
+    return data
 
 
 def new_request_id(prefix: str) -> str:
@@ -90,9 +140,8 @@ def new_request_id(prefix: str) -> str:
 
 def check_max_tokens(max_model_len: int, num_prompt_tokens: int, max_tokens: int | None,
                      max_tokens_name: str, prompt_name: str) -> int:
-    """Return the completion budget: as asked, or whatever room the context leaves."""
-    if max_tokens is not None and max_tokens < 1:
-        raise invalid_param(max_tokens_name, f"{max_tokens_name} must be >= 1, got {max_tokens}")
+    """Return the completion budget: as asked (its msgspec bounds make it >= 1), or whatever
+    room the context leaves."""
     if max_tokens is None:
         if num_prompt_tokens >= max_model_len:
             raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, "
@@ -108,12 +157,36 @@ def check_max_tokens(max_model_len: int, num_prompt_tokens: int, max_tokens: int
     return max_tokens
 
 
+def check_text_fits(tokenizer: ModelTokenizer, max_model_len: int, text: str, prompt_name: str) -> None:
+    """Refuse a text too long for the context whatever its tokens, before tokenizing it:
+    that takes seconds for megabytes."""
+    num_bytes = len(text.encode())
+    if num_bytes > max_model_len * tokenizer.max_token_bytes:
+        min_tokens = -(-num_bytes // tokenizer.max_token_bytes)
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, the "
+                       f"{prompt_name} is {num_bytes} bytes long, which is at least {min_tokens} tokens (no token "
+                       f"covers more than {tokenizer.max_token_bytes} bytes). Please reduce the length of the "
+                       f"{prompt_name}.", param=prompt_name, code="context_length_exceeded")
+
+
+async def chat_prompt(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool,
+                      continue_final_message: bool = False,
+                      template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """The conversation's token ids: rendered by the chat template and tokenized, off the loop."""
+    text = await state.tokenizer.render_chat(messages, add_generation_prompt, continue_final_message,
+                                             template_kwargs)
+    check_text_fits(state.tokenizer, state.ready.max_model_len, text, "messages")
+    # The template writes the special tokens (BOS included) itself.
+    return await state.tokenizer.encode(text, add_special_tokens=False)
+
+
 def child_params(params: SamplingParams, index: int) -> SamplingParams:
     # As vLLM: with a seed, choice i samples with seed + i, so n > 1 gives n different
-    # samples and the whole response stays reproducible.
+    # samples and the whole response stays reproducible. The sum wraps around within 64 bits,
+    # the seed's bounds on the wire.
     if params.seed is None or index == 0:
         return params
-    return msgspec.structs.replace(params, seed=params.seed + index)
+    return msgspec.structs.replace(params, seed=(params.seed + index - INT64_MIN) % 2**64 + INT64_MIN)
 
 
 class Generation:
@@ -208,18 +281,23 @@ async def stream_sse(request: web.Request, events: AsyncGenerator[bytes, None]) 
     """Send `events` as Server-Sent Events. Once the response has started an error cannot
     change its status, so it goes out as an error event before the closing [DONE]."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
     try:
-        async for data in events:
-            await response.write(data)
-        await response.write(SSE_DONE)
-    except ConnectionResetError:
-        pass  # the client left; the handler's Generation.close() aborts the engine requests
-    except Exception as e:
-        if not isinstance(e, APIError):
-            logger.exception("error while streaming %s", request.path)
-            e = APIError(500, f"internal error: {type(e).__name__}: {e}")
-        await response.write(b"data: " + e.body() + b"\n\n" + SSE_DONE)
+        await response.prepare(request)  # the client may be gone already
+        try:
+            async for data in events:
+                await response.write(data)
+            await response.write(SSE_DONE)
+        except ConnectionResetError:
+            raise  # to the handler below: no error event can reach a client that left
+        except Exception as e:
+            if not isinstance(e, APIError):
+                logger.exception("error while streaming %s", request.path)
+                e = APIError(500, f"internal error: {type(e).__name__}: {e}")
+            await response.write(b"data: " + e.body() + b"\n\n" + SSE_DONE)
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one too
+        # The client left: not a fault. The handler's Generation.close() aborts the engine
+        # requests; aiohttp finishes the response quietly.
+        logger.debug("the client of %s %s went away", request.method, request.path)
     finally:
         await events.aclose()
     return response

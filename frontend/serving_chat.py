@@ -20,6 +20,7 @@ from frontend.serving import (
     Generation,
     ServerState,
     chat_logprobs,
+    chat_prompt,
     check_max_tokens,
     child_params,
     decode_body,
@@ -33,10 +34,11 @@ from frontend.serving import (
 
 async def create_chat_completion(state: ServerState, request: web.Request) -> web.StreamResponse:
     body = await decode_body(request, ChatCompletionRequest)
-    body.check()
+    body.check(state.trust_request_chat_template)
     model = state.check_model(body.model)
-    prompt = state.tokenizer.chat_token_ids(body.messages, body.add_generation_prompt,
-                                            body.continue_final_message, body.chat_template_kwargs)
+    state.admission.check_request_size(1, body.n)
+    prompt = await chat_prompt(state, body.messages, body.add_generation_prompt, body.continue_final_message,
+                               body.chat_template_kwargs)
     name, requested = body.requested_max_tokens()
     max_tokens = check_max_tokens(state.ready.max_model_len, len(prompt), requested, name, "messages")
     num_top = body.top_logprobs or 0

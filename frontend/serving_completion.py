@@ -7,12 +7,13 @@ from collections.abc import AsyncGenerator
 
 from aiohttp import web
 
-from frontend.errors import APIError, invalid_param
-from frontend.openai_protocol import Completion, CompletionChoice, CompletionRequest, PromptInput
+from frontend.errors import invalid_param
+from frontend.openai_protocol import Completion, CompletionChoice, CompletionRequest
 from frontend.serving import (
     Generation,
     ServerState,
     check_max_tokens,
+    check_text_fits,
     child_params,
     completion_logprobs,
     decode_body,
@@ -22,47 +23,39 @@ from frontend.serving import (
     stream_sse,
     usage,
 )
-from frontend.tokenizer import ModelTokenizer
-
-_PROMPT_SHAPES = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
 
 
-def parse_prompts(prompt: PromptInput, tokenizer: ModelTokenizer, vocab_size: int,
-                  echo: bool) -> list[tuple[str, list[int]]]:
-    """Each prompt as (its text, for echo, or "" without echo; its token ids)."""
-    items = [prompt] if isinstance(prompt, str) else prompt
-    if items and all(isinstance(p, int) for p in items):
-        items = [items]  # a single prompt given as token ids
-    if not items:
-        raise _bad_prompt("prompt must not be empty")
+async def parse_prompts(state: ServerState, items: list[str | list[int]], echo: bool) -> list[tuple[str, list[int]]]:
+    """Each prompt as (its text, for echo, or "" without echo; its token ids). A prompt too
+    long for the context is refused before the work its length costs (tokenizing it, or
+    decoding it for echo)."""
+    tokenizer, max_model_len, vocab_size = state.tokenizer, state.ready.max_model_len, state.ready.vocab_size
     prompts = []
     for item in items:
         if isinstance(item, str):
-            ids = tokenizer.encode(item)
-            text = item
-        elif isinstance(item, list):
-            bad = next((t for t in item if not 0 <= t < vocab_size), None)
-            if bad is not None:
-                raise _bad_prompt(f"prompt token ids must be in [0, {vocab_size}), got {bad}")
-            ids = item
-            text = tokenizer.decode(ids, skip_special_tokens=False) if echo else ""
+            check_text_fits(tokenizer, max_model_len, item, "prompt")
+            ids = await tokenizer.encode(item)
         else:
-            raise _bad_prompt(f"prompt must be {_PROMPT_SHAPES}")
+            ids = item  # non-empty, ids >= 0 (CompletionRequest)
+            if (largest := max(ids)) >= vocab_size:
+                raise invalid_param("prompt", f"prompt token ids must be in [0, {vocab_size}), got {largest}")
         if not ids:
-            raise _bad_prompt("prompt must not be empty")
-        prompts.append((text if echo else "", ids))
+            raise invalid_param("prompt", "prompt must not be empty")
+        check_max_tokens(max_model_len, len(ids), None, "max_tokens", "prompt")  # the prompt alone fits
+        text = ""
+        if echo:
+            text = item if isinstance(item, str) else await tokenizer.decode(ids, skip_special_tokens=False)
+        prompts.append((text, ids))
     return prompts
-
-
-def _bad_prompt(message: str) -> APIError:
-    return invalid_param("prompt", message)
 
 
 async def create_completion(state: ServerState, request: web.Request) -> web.StreamResponse:
     body = await decode_body(request, CompletionRequest)
     body.check()
     model = state.check_model(body.model)
-    prompts = parse_prompts(body.prompt, state.tokenizer, state.ready.vocab_size, body.echo)
+    items = body.prompts()
+    state.admission.check_request_size(len(items), body.n)
+    prompts = await parse_prompts(state, items, body.echo)
     prompt_logprobs = body.logprobs if body.echo else None
     choice_prompts, choice_params = [], []
     for _, ids in prompts:

@@ -3,16 +3,29 @@
 Loaded from the directory the engine reports in its handshake, so both sides agree on the
 vocabulary. The hot paths (encode, incremental decode) call the Rust `tokenizers.Tokenizer`
 directly; transformers is used for what only it does: rendering the Jinja chat template.
+
+Encoding, decoding a whole prompt and rendering a template take time in proportion to the
+input (seconds for megabytes), so they run on a thread pool, not the event loop: `/health`
+and the streams of other requests carry on meanwhile.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from tokenizers import Tokenizer
 
 from frontend.errors import invalid_param
 from frontend.openai_protocol import ChatMessage
+
+T = TypeVar("T")
+# Threads for tokenizing, which is CPU-bound: a few, so that long inputs cannot take every core
+# from the engine and the event loop.
+_MAX_THREADS = 4
 
 
 def import_transformers() -> None:
@@ -26,19 +39,45 @@ class ModelTokenizer:
 
         self.hf = AutoTokenizer.from_pretrained(model_path)
         self.fast: Tokenizer = self.hf.backend_tokenizer
+        # No token covers more bytes of the text than this: a token's string in the vocabulary
+        # spells what it covers at least as long (byte-level BPE writes a byte as a character
+        # of one or two bytes, SentencePiece a space as the 3-byte "▁", byte fallback a byte as
+        # "<0xNN>"). So a text of more than max_model_len times this many bytes cannot fit in
+        # the context, and is refused without tokenizing it. (A normalizer that deletes text
+        # would break this; the supported models' do not: Qwen's NFC shrinks text by less than
+        # byte-level BPE's spelling grows it.)
+        self.max_token_bytes = max(len(token.encode()) for token in self.fast.get_vocab(with_added_tokens=True))
+        self._executor = ThreadPoolExecutor(min(_MAX_THREADS, os.cpu_count() or 1), thread_name_prefix="tokenizer")
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.fast.encode(text, add_special_tokens=add_special_tokens).ids
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.fast.decode(token_ids, skip_special_tokens=skip_special_tokens)
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await self._off_loop(self._encode, text, add_special_tokens)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        # encode_batch, unlike encode, lets go of the GIL while it works, so the event loop
+        # runs meanwhile.
+        return self.fast.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return await self._off_loop(self._decode, token_ids, skip_special_tokens)
+
+    def _decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        return self.fast.decode_batch([token_ids], skip_special_tokens=skip_special_tokens)[0]
 
     def token_strings(self, token_ids: list[int]) -> list[str]:
         """Each token's own text, as logprobs show it."""
         return self.fast.decode_batch([[t] for t in token_ids], skip_special_tokens=False)
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
-                    continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> str:
+    async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                          continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> str:
+        """The conversation as the chat template writes it, special tokens (BOS included) and all."""
+        return await self._off_loop(self._render_chat, messages, add_generation_prompt, continue_final_message,
+                                    template_kwargs)
+
+    def _render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool, continue_final_message: bool,
+                     template_kwargs: dict[str, Any] | None) -> str:
         conversation = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
                         for m in messages]
         if continue_final_message and (add_generation_prompt or messages[-1].role != "assistant"):
@@ -51,10 +90,3 @@ class ModelTokenizer:
                                                **(template_kwargs or {}))
         except Exception as e:  # the template is code run on user input: its failures are 400s
             raise invalid_param("messages", f"the chat template cannot render these messages: {e}") from None
-
-    def chat_token_ids(self, messages: list[ChatMessage], add_generation_prompt: bool,
-                       continue_final_message: bool = False,
-                       template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        text = self.render_chat(messages, add_generation_prompt, continue_final_message, template_kwargs)
-        # The template writes the special tokens (BOS included) itself.
-        return self.encode(text, add_special_tokens=False)

@@ -122,6 +122,7 @@ def check(outputs: Outputs, good: dict[str, list[int]], alone: dict[tuple[int, .
         assert [out.finish_reason for _, out in outputs[request_id]] == [FinishReason.ERROR]
         assert tokens_of(outputs, request_id) == []
         assert error in outputs[request_id][-1][1].error
+        assert outputs[request_id][-1][1].error_is_internal  # the frontend answers 500, not 400
 
 
 def keeps_serving(llm: LLM, prompts: list[list[int]], alone: dict[tuple[int, ...], list[int]]) -> None:
@@ -264,6 +265,7 @@ def test_a_step_of_one_request_blames_it():
     failed = scheduler.schedule()
     [out] = scheduler.recover_from_failed_step(failed, "boom")
     assert (out.request_id, out.finish_reason, out.error, out.new_token_ids) == ("a", FinishReason.ERROR, "boom", [])
+    assert out.error_is_internal
     assert not scheduler.has_unfinished_requests() and not scheduler.suspects
     assert kv.num_free_blocks == 8
     # A suspect that finishes or is aborted before its turn is simply no longer one.

@@ -258,7 +258,8 @@ def test_success_counts_by_finish_reason(server, prom, aclient_factory):
     reasons = {reason: metric("octavo:request_success_total", f',finished_reason="{reason}"')
                for reason in ("stop", "length", "abort", "error")}
     counters = Counters(prom, *reasons.values(), count("e2e_request_latency_seconds"))
-    status, eos = request(server, "POST", "/tokenize", {"prompt": "<|im_end|>", "add_special_tokens": False})
+    status, eos = request(server, "POST", "/tokenize", {"prompt": "<|im_end|>", "add_special_tokens": False},
+                          {"Authorization": f"Bearer {API_KEY}"})
     assert status == 200 and eos["count"] == 1
     chat = [{"role": "user", "content": "Name three colors."}]
     responses = asyncio.run(run_requests(aclient_factory, [

@@ -79,7 +79,10 @@ def test_a_burst_beyond_the_bound_gets_503_at_once_and_the_admitted_complete(ser
     assert status == 200 and body["usage"]["completion_tokens"] >= 1
 
 
-def test_a_request_wider_than_the_bound_runs_when_the_server_is_idle(server):
+def test_a_request_wider_than_the_bound_is_refused_with_400(server):
+    # No retry could ever admit it: a 503 would have clients retry forever.
     status, body = request(server, "POST", "/v1/completions",
                            {"prompt": "Hi", "max_tokens": 2, "n": LIMIT + 1, "ignore_eos": True})
-    assert status == 200 and len(body["choices"]) == LIMIT + 1
+    assert status == 400 and body["error"]["param"] == "n", body
+    assert f"asks for {LIMIT + 1} completions" in body["error"]["message"]
+    assert f"more than the {LIMIT} this server serves at once" in body["error"]["message"]

@@ -207,9 +207,9 @@ def test_health_version_models_tokenize(server, client):
     status, body = request(server, "GET", "/version")
     assert status == 200 and body["version"]
     assert [m.id for m in client.models.list().data] == [MODEL]
-    status, body = request(server, "POST", "/tokenize", {"prompt": "Hello world"})
+    status, body = request(server, "POST", "/tokenize", {"prompt": "Hello world"}, auth())
     assert status == 200 and body["count"] == len(body["tokens"]) and body["max_model_len"] == MAX_MODEL_LEN
-    status, back = request(server, "POST", "/detokenize", {"tokens": body["tokens"]})
+    status, back = request(server, "POST", "/detokenize", {"tokens": body["tokens"]}, auth())
     assert status == 200 and back["prompt"] == "Hello world"
 
 
@@ -219,7 +219,7 @@ def test_chat_completion(server, client):
     choice = response.choices[0]
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
     assert choice.finish_reason in ("stop", "length")
-    _, tokens = request(server, "POST", "/tokenize", {"messages": CHAT})
+    _, tokens = request(server, "POST", "/tokenize", {"messages": CHAT}, auth())
     usage = response.usage
     assert usage.prompt_tokens == tokens["count"]
     assert 1 <= usage.completion_tokens <= 8
@@ -334,7 +334,7 @@ def test_chat_logprobs(client):
 
 def test_completion_logprobs_with_echo(server, client):
     prompt = "The sky is"
-    _, tokens = request(server, "POST", "/tokenize", {"prompt": prompt})
+    _, tokens = request(server, "POST", "/tokenize", {"prompt": prompt}, auth())
     num_prompt = tokens["count"]
     response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True,
                                          logprobs=2, extra_body={"ignore_eos": True})
@@ -351,7 +351,7 @@ def test_completion_logprobs_with_echo(server, client):
 
 def test_completion_prompt_forms(server, client):
     prompt = "Once upon a time"
-    _, tokens = request(server, "POST", "/tokenize", {"prompt": prompt})
+    _, tokens = request(server, "POST", "/tokenize", {"prompt": prompt}, auth())
     ids = tokens["tokens"]
     kwargs = dict(model=MODEL, max_tokens=6, temperature=0)
     expected = client.completions.create(prompt=prompt, **kwargs).choices[0].text
@@ -383,7 +383,7 @@ def test_max_completion_tokens_and_vllm_extras(client):
 def test_stop_token_ids(server, client):
     kwargs = dict(model=MODEL, prompt="The capital of France is", temperature=0)
     first = client.completions.create(max_tokens=1, logprobs=0, **kwargs).choices[0].logprobs.tokens[0]
-    _, tokens = request(server, "POST", "/tokenize", {"prompt": first, "add_special_tokens": False})
+    _, tokens = request(server, "POST", "/tokenize", {"prompt": first, "add_special_tokens": False}, auth())
     assert tokens["count"] == 1, "the first token's text must tokenize back to it"
     stop_id = tokens["tokens"][0]
     response = client.completions.create(max_tokens=8, extra_body={"stop_token_ids": [stop_id]}, **kwargs)
@@ -473,7 +473,7 @@ def test_bad_request(server, path, body, headers, status, param):
 
 
 def test_context_length_message_states_the_numbers(server):
-    _, tokens = request(server, "POST", "/tokenize", {"messages": CHAT})
+    _, tokens = request(server, "POST", "/tokenize", {"messages": CHAT}, auth())
     status, body = request(server, "POST", "/v1/chat/completions", chat_body(max_tokens=MAX_MODEL_LEN), auth())
     assert status == 400
     prompt = tokens["count"]
@@ -605,7 +605,7 @@ def test_a_stalled_reader_does_not_hold_up_the_engine_or_other_streams(server, c
               if line.startswith(b"data: {")]
     choices = [e["choices"][0] for e in events]
     assert "".join(c["text"] for c in choices) == prompt + expected
-    num_prompt_tokens = request(server, "POST", "/tokenize", {"prompt": prompt})[1]["count"]
+    num_prompt_tokens = request(server, "POST", "/tokenize", {"prompt": prompt}, auth())[1]["count"]
     assert sum(len(c["logprobs"]["tokens"]) for c in choices) == num_prompt_tokens + 32  # each exactly once
 
 
