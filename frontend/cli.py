@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 
 from engine_core.config import DEVICES, DTYPES, EngineConfig, SpeculativeConfig
@@ -48,6 +49,48 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [1, 65535], got {value}")
+    return value
+
+
+def check_model_path(model: str | None) -> str | None:
+    """What is wrong with MODEL as a local path, found in microseconds rather than after the
+    engine has started (None: nothing, or a Hugging Face id for the engine to look up)."""
+    if model is None:
+        return None
+    path = os.path.expanduser(model)
+    if not os.path.exists(path):
+        # "org/name" is a Hugging Face id; anything that spells a path must exist.
+        if path.startswith(("/", "./", "../", "~")) or path in (".", ".."):
+            return f"model {model!r}: no such file or directory"
+        return None
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            return f"model {model!r}: the directory has no config.json (a Hugging Face checkpoint has one)"
+        return None
+    if not path.endswith(".gguf"):
+        return f"model {model!r}: a file must be a .gguf; give a checkpoint directory otherwise"
+    return None
+
+
+def check_port_free(host: str, port: int) -> str | None:
+    """Whether we could listen on host:port, checked before the model loads (seconds to minutes)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's listener does
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            return f"cannot listen on {host}:{port}: {e.strerror or e}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = EngineConfig()
     parser = argparse.ArgumentParser(prog="octavo", description="Octavo: an OpenAI-compatible LLM server.")
@@ -57,12 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve a model over the OpenAI API",
         description="Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
                     "/v1/models, /health, /tokenize, /detokenize, /version).")
+    serve.set_defaults(command_parser=serve)  # argument errors print `octavo serve`'s usage
     serve.add_argument("model", nargs="?", default=None,
                        help="a Hugging Face checkpoint directory, a GGUF file, or a model id in the local Hugging "
                             "Face cache; none: the embedded default, SmolLM2-135M-Instruct")
     server = serve.add_argument_group("server")
     server.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
-    server.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    server.add_argument("--port", type=_port, default=8000, help="port to listen on (default: %(default)s)")
     server.add_argument("--api-key", default=os.environ.get("OCTAVO_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every path but /health, /metrics and /version "
                              "(default: $OCTAVO_API_KEY; none: open)")
@@ -134,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = engine_config(args)
     except ValueError as e:
-        parser.error(str(e))
+        args.command_parser.error(str(e))
+    problem = check_model_path(args.model) or check_port_free(args.host, args.port)
+    if problem is not None:
+        args.command_parser.error(problem)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvloop
 

@@ -181,6 +181,29 @@ def test_serve_help_explains_vllm_flags():
         assert flag in result.stdout
 
 
+@pytest.mark.parametrize(("model", "message"), [
+    ("/nonexistent", "no such file or directory"),
+    (__file__, "a file must be a .gguf"),
+    (os.path.dirname(__file__), "the directory has no config.json"),
+])
+def test_a_bad_model_path_is_one_line_before_anything_loads(model, message):
+    result = octavo("serve", model)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith(f"octavo serve: error: model {model!r}: {message}")
+    assert "Traceback" not in result.stderr and "usage: octavo serve" in result.stderr
+
+
+def test_ports_are_checked_before_anything_loads():
+    result = octavo("serve", "--port", "99999")
+    assert result.returncode == 2 and "argument --port: must be in [1, 65535], got 99999" in result.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = octavo("serve", "--host", "127.0.0.1", "--port", str(taken.getsockname()[1]))
+    assert result.returncode == 2 and "cannot listen on 127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_version_flag():
     result = octavo("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"octavo {importlib.metadata.version('octavo')}"
