@@ -41,6 +41,11 @@ logger = logging.getLogger(__name__)
 # EngineCore methods the frontend may call by name through a UtilityRequest.
 UTILITY_METHODS = frozenset({"reset_prefix_cache", "get_kv_cache_stats"})
 
+# Ctrl-C and SIGTERM reach the whole process group (a terminal, systemd, `timeout`), but the
+# frontend decides when the engine stops: it drains first. The engine stops when its lifeline
+# closes, which it turns into this signal to interrupt the busy loop.
+STOP_SIGNAL = signal.SIGUSR1
+
 # How long a dying engine waits for its last messages (the engine_dead notice) to leave.
 _SEND_LINGER_MS = 2000
 
@@ -147,10 +152,11 @@ def _watch_lifeline(fd: int, ipc_dir: str) -> None:
     # The socket directory serves this engine alone (a restarted engine gets a new one), so
     # nobody needs it now; removing it here covers a frontend killed before it could.
     shutil.rmtree(ipc_dir, ignore_errors=True)
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), STOP_SIGNAL)
 
 
 def _raise_system_exit(signum: int, frame: Any) -> None:
+    signal.signal(STOP_SIGNAL, signal.SIG_IGN)  # once: a second SystemExit during shutdown is noise
     raise SystemExit(0)
 
 
@@ -168,10 +174,10 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
         proc = EngineCoreProc(engine, input_socket, output_socket)
         # A stop signal between the two thread starts would leave a socket that nobody
         # closes, and ctx.term() below waiting for it forever: start both or neither.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_BLOCK, {STOP_SIGNAL})
         input_socket.send(msgspec.msgpack.encode(engine.ready))
         proc.start_threads()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {STOP_SIGNAL})
         proc.run()
     except SystemExit:
         logger.info("engine core shutting down")
@@ -202,9 +208,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine_core: %(message)s")
     input_addr, output_addr = sys.argv[1], sys.argv[2]
     config = msgspec.json.decode(sys.stdin.buffer.readline(), type=EngineConfig)
-    # Ctrl-C reaches the whole process group; the frontend decides when the engine stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _raise_system_exit)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(STOP_SIGNAL, _raise_system_exit)
     ipc_dir = os.path.dirname(input_addr.removeprefix("ipc://"))
     threading.Thread(target=_watch_lifeline, args=(sys.stdin.fileno(), ipc_dir), name="lifeline", daemon=True).start()
     sys.exit(run_engine_core(config, input_addr, output_addr))

@@ -220,10 +220,8 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
             return 1
         tokenizer = ModelTokenizer(ready.model_path)
         names = args.served_model_names or [config.model or os.path.basename(ready.model_path.rstrip("/"))]
-        logger.info("serving %s (%s) on %s, dtype %s: KV cache of %d tokens (%d blocks of %d), maximum "
-                    "concurrency %.2fx at max_model_len %d", names[0], ready.model_path, ready.device,
-                    ready.dtype, ready.kv_capacity_tokens, ready.num_kv_blocks, ready.block_size,
-                    ready.max_concurrency, ready.max_model_len)
+        # The engine core has logged the device, dtype and KV cache capacity.
+        logger.info("serving %s as %s", ready.model_path, ", ".join(names))
         prometheus = PrometheusStatLogger(names[0], ready.max_model_len, _cache_config_info(config, ready),
                                           _num_speculative_tokens(config), args.metrics_compat)
         log_stats = LoggingStatLogger()

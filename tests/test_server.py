@@ -37,7 +37,7 @@ CHAT = [{"role": "user", "content": "Name three colors."}]
 class ServerProcess:
     """`python -m frontend.cli serve` on a free port, with its log in a temporary file."""
 
-    def __init__(self, *args: str, startup_timeout: float = 900.0) -> None:
+    def __init__(self, *args: str, startup_timeout: float = 900.0, new_session: bool = False) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -45,7 +45,7 @@ class ServerProcess:
         self.log = tempfile.NamedTemporaryFile(prefix="octavo-server-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "frontend.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=new_session)
         deadline = time.monotonic() + startup_timeout
         while True:
             if self.proc.poll() is not None:

@@ -137,7 +137,10 @@ def test_a_killed_engine_is_replaced_and_a_crash_loop_ends_the_server():
 
 
 def test_sigterm_drains_requests_in_progress_then_exits_0():
-    server = ServerProcess("--max-model-len", "512", "--api-key", API_KEY, "--shutdown-timeout", "3")
+    # Its own process group, signalled as a whole as systemd or `timeout` do: the engine core
+    # gets the SIGTERM too, and must keep serving until the server has drained.
+    server = ServerProcess("--max-model-len", "512", "--api-key", API_KEY, "--shutdown-timeout", "3",
+                           new_session=True)
     try:
         long_streams = start_streams(server, 3, {**LONG_CHAT, "stream": True})
         short = [RawPost(server.port, {**LONG_CHAT, "max_tokens": 8}) for _ in range(3)]
@@ -151,7 +154,7 @@ def test_sigterm_drains_requests_in_progress_then_exits_0():
         engine = server.engine_pid
         engine_ipc_dir = ipc_dir(engine)
 
-        server.proc.send_signal(signal.SIGTERM)
+        os.killpg(server.proc.pid, signal.SIGTERM)
         assert wait_for_health(server, 503, timeout=5) < 1.0
         status, body = request(server, "POST", "/v1/chat/completions", {**LONG_CHAT, "max_tokens": 2},
                                {"Authorization": f"Bearer {API_KEY}"})
@@ -168,6 +171,8 @@ def test_sigterm_drains_requests_in_progress_then_exits_0():
             assert post.data.index(b'data: {"error":') < post.data.index(b"data: [DONE]")
         assert server.proc.wait(timeout=30) == 0
         assert engine_is_gone(engine) and not os.path.exists(engine_ipc_dir)
+        log = server.log_text()
+        assert "Traceback" not in log and "Exception ignored" not in log, log
         server.remove_log()
     finally:
         server.stop()
