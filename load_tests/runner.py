@@ -112,14 +112,15 @@ async def served_model(session: aiohttp.ClientSession, base_url: str, headers: d
     return (await get_json(session, f"{base_url}/v1/models", headers))["data"][0]["id"]
 
 
-async def as_text(session: aiohttp.ClientSession, base_url: str, prompts: list[Prompt]) -> list[Prompt]:
+async def as_text(session: aiohttp.ClientSession, base_url: str, headers: dict[str, str],
+                  prompts: list[Prompt]) -> list[Prompt]:
     """Synthetic token-id prompts as text, for chat: the server's own detokenization of them."""
     texts = []
     for prompt in prompts:
         if prompt.token_ids is None:
             texts.append(prompt)
             continue
-        body = await get_json(session, f"{base_url}/detokenize", {}, "POST", {"tokens": prompt.token_ids})
+        body = await get_json(session, f"{base_url}/detokenize", headers, "POST", {"tokens": prompt.token_ids})
         texts.append(Prompt(body["prompt"], None, prompt.output_len))
     return texts
 

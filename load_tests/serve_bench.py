@@ -84,7 +84,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     async with session:
         prompts = make_prompts(args, args.num_warmups + args.num_prompts)
         if args.endpoint == "chat":
-            prompts = await as_text(session, target.base_url, prompts)
+            prompts = await as_text(session, target.base_url, target.headers, prompts)
         warmups, prompts = prompts[:args.num_warmups], prompts[args.num_warmups:]
         mix = parse_mix(args.mix)
         if warmups:

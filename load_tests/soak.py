@@ -114,7 +114,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     async with session:
         prompts = make_prompts(args, args.num_prompts)
         if args.endpoint == "chat":
-            prompts = await as_text(session, target.base_url, prompts)
+            prompts = await as_text(session, target.base_url, target.headers, prompts)
         forever = (prompts[i % len(prompts)] for i in range(MAX_REQUESTS))
         started = time.monotonic()
         watcher = asyncio.create_task(monitor.watch())
