@@ -193,6 +193,18 @@ def test_a_bad_model_path_is_one_line_before_anything_loads(model, message):
     assert "Traceback" not in result.stderr and "usage: octavo serve" in result.stderr
 
 
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--shutdown-timeout", "-1", "must be a finite number of seconds > 0, got -1"),
+    ("--request-timeout", "nan", "must be a finite number of seconds > 0, got nan"),
+    ("--request-timeout", "soon", "not a number of seconds: 'soon'"),
+    ("--engine-restart-window", "inf", "must be a finite number of seconds > 0, got inf"),
+    ("--max-engine-restarts", "-1", "must be >= 0, got -1"),
+])
+def test_lifetime_flags_refuse_hostile_values(flag, value, message):
+    result = octavo("serve", flag, value)
+    assert result.returncode == 2 and f"argument {flag}: {message}" in result.stderr, result.stderr
+
+
 def test_ports_are_checked_before_anything_loads():
     result = octavo("serve", "--port", "99999")
     assert result.returncode == 2 and "argument --port: must be in [1, 65535], got 99999" in result.stderr
