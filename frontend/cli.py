@@ -10,6 +10,8 @@ import os
 import re
 import socket
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from engine_core.config import DEVICES, DTYPES, EngineConfig, SpeculativeConfig
 from frontend.engine_supervisor import RestartPolicy
@@ -32,31 +34,28 @@ def parse_bytes(text: str) -> int:
     return int(float(number) * base ** " kmgt".index(unit.lower() or " "))
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+def _number(text: str, kind: type[int] | type[float], what: str, ok: Callable[[float], bool], allowed: str) -> Any:
+    """A flag's number, or an argparse error naming the value and the allowed range."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    return _number(text, int, "an integer", lambda v: v >= 0, ">= 0")
 
 
 def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
-    return value
+    return _number(text, float, "a number of seconds", lambda v: math.isfinite(v) and v > 0,
+                   "a finite number of seconds > 0")
 
 
 def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in [1, 65535], got {value}")
-    return value
+    return _number(text, int, "a port number", lambda v: 1 <= v <= 65535, "in [1, 65535]")
 
 
 def check_model_path(model: str | None) -> str | None:
