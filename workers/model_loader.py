@@ -1,8 +1,9 @@
 """Load a Hugging Face style checkpoint directory (config.json + safetensors) into Octavo's
 own model classes.
 
-Checkpoint tensors are matched to parameters by name; fused layers (`MergedLinear`) declare
-which checkpoint names fill which of their rows. Every parameter must be filled exactly once
+Checkpoint tensors are matched to parameters by name; the parallel layers declare which part
+of which checkpoint tensor fills each parameter (fused layers take several checkpoint names;
+under tensor parallelism each rank reads only its shard). Every parameter must be filled exactly once
 with the right shape, and every checkpoint tensor must have a home: anything else is a
 `ModelLoadError` naming the tensor, so a wrong mapping can never run silently.
 """
@@ -10,6 +11,7 @@ with the right shape, and every checkpoint tensor must have a home: anything els
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from workers.distributed import SINGLE_RANK, TensorParallelGroup
 from workers.model_source import ModelLoadError
 from workers.progress import progress
 from workers.models import MODEL_REGISTRY
+from workers.models.layers import Shard
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -81,13 +85,16 @@ def load_hf_config(model_dir: Path) -> Any:
         raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {e}") from e
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device,
+               tp_group: TensorParallelGroup = SINGLE_RANK) -> nn.Module:
+    """The checkpoint's model on `device`; with a `tp_group` of several ranks, this rank's
+    shard of it, reading only that shard's part of each checkpoint tensor."""
     model_dir = Path(model_dir)
     hf_config = load_hf_config(model_dir)
     files = safetensors_files(model_dir)
     # Parameters are torch.empty, so building straight on the device costs no init time.
     with torch.device(device):
-        model = model_class(model_dir)(hf_config, dtype)
+        model = model_class(model_dir)(hf_config, dtype, tp_group)
     load_weights(model, files)
     return model.eval()
 
@@ -110,22 +117,30 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def checkpoint_targets(model: nn.Module) -> dict[str, tuple[nn.Parameter, slice | None]]:
-    """Checkpoint tensor name -> (parameter, rows it fills, None for all)."""
-    targets: dict[str, tuple[nn.Parameter, slice | None]] = {}
+@dataclass(frozen=True)
+class Target:
+    """Where a checkpoint tensor goes: `param`, whole (shard None) or this rank's `shard` of it."""
+
+    param: nn.Parameter
+    shard: Shard | None
+
+
+def checkpoint_targets(model: nn.Module) -> dict[str, Target]:
+    """Checkpoint tensor name -> its target. Modules with a `checkpoint_shards(param_name)`
+    (the parallel layers) say which part of which checkpoint tensor each parameter takes;
+    any other parameter takes the whole tensor of its own name."""
+    targets: dict[str, Target] = {}
     seen: set[int] = set()  # a tied lm_head shares the embedding; it is filled once
     for module_name, module in model.named_modules():
-        shards: dict[str, slice] = getattr(module, "shards", {})
         parent = module_name.rpartition(".")[0]
+        shards_of = getattr(module, "checkpoint_shards", None)
         for param_name, param in module.named_parameters(recurse=False):
             if id(param) in seen:
                 continue
             seen.add(id(param))
-            if shards:
-                for shard_name, rows in shards.items():
-                    targets[_join(parent, shard_name, param_name)] = (param, rows)
-            else:
-                targets[_join(module_name, param_name)] = (param, None)
+            for sibling, shard in (shards_of(param_name) if shards_of else {None: None}).items():
+                owner = module_name if sibling is None else _join(parent, sibling)
+                targets[_join(owner, param_name)] = Target(param, shard)
     return targets
 
 
@@ -139,31 +154,46 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
     loaded: set[str] = set()
     with torch.no_grad(), progress(len(targets), "loading weights", "tensor") as bar:
         for path in files:
-            try:
-                checkpoint = safe_open(path, framework="pt")
-            except SafetensorError as e:
-                raise ModelLoadError(f"cannot read safetensors file {path}: {e}") from e
-            with checkpoint:
+            with _open_safetensors(path) as checkpoint:
                 for name in checkpoint.keys():
                     if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                         continue
                     if name not in targets:
                         raise ModelLoadError(f"unexpected tensor {name!r} in {path}: no parameter of "
                                              f"{type(model).__name__} takes it")
-                    param, rows = targets[name]
-                    dest = param.data if rows is None else param.data[rows]
-                    tensor = checkpoint.get_tensor(name)
-                    if tensor.shape != dest.shape:
-                        raise ModelLoadError(f"tensor {name!r} in {path} has shape {tuple(tensor.shape)}, "
-                                             f"expected {tuple(dest.shape)}")
-                    if rows is None:
-                        # Adopt the tensor: on the CPU in the same dtype it stays a view of the
-                        # memory-mapped file, saving a copy into freshly faulted-in memory.
-                        param.data = tensor.to(device=param.device, dtype=param.dtype)
-                    else:
-                        dest.copy_(tensor)
+                    if name in loaded:
+                        raise ModelLoadError(f"tensor {name!r} appears twice, the second time in {path}")
+                    _load_tensor(checkpoint, name, targets[name], path)
                     loaded.add(name)
                     bar.update()
     missing = sorted(set(targets) - loaded)
     if missing:
         raise ModelLoadError(f"checkpoint {files[0].parent} lacks {len(missing)} tensor(s): {missing[:10]}")
+
+
+def _open_safetensors(path: Path) -> Any:
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as e:
+        raise ModelLoadError(f"cannot read safetensors file {path}: {e}") from e
+
+
+def _load_tensor(checkpoint: Any, name: str, target: Target, path: Path) -> None:
+    """Check the checkpoint tensor's shape, then read into the parameter only the part this
+    rank holds (`get_slice` reads just those bytes of the file)."""
+    param, shard = target.param, target.shard
+    tensor_slice = checkpoint.get_slice(name)
+    shape = tuple(tensor_slice.get_shape())
+    expected = list(param.shape)
+    if shard is not None:
+        expected[shard.dim] = shard.full
+    if shape != tuple(expected):
+        raise ModelLoadError(f"tensor {name!r} in {path} has shape {shape}, expected {tuple(expected)}")
+    if shard is None:
+        # Adopt the tensor: on the CPU in the same dtype it stays a view of the memory-mapped
+        # file, saving a copy into freshly faulted-in memory.
+        param.data = checkpoint.get_tensor(name).to(device=param.device, dtype=param.dtype)
+        return
+    index = [slice(None)] * len(shape)
+    index[shard.dim] = slice(shard.start, shard.start + shard.size)
+    param.data.narrow(shard.dim, shard.offset, shard.size).copy_(tensor_slice[tuple(index)])

@@ -1,8 +1,10 @@
 """Model definitions, and the registry from a checkpoint's `architectures` entry to the class.
 
-Every class is built as `cls(hf_config, dtype)` and exposes `forward(input_ids, positions,
-attn_metadata) -> hidden`, `compute_logits(hidden) -> float32 logits` and
-`attention_layers() -> list[Attention]`. Adding a model is adding a file and a line here.
+Every class is built as `cls(hf_config, dtype, tp_group=SINGLE_RANK)` (a
+`workers.distributed.TensorParallelGroup`; the instance is that rank's shard) and exposes
+`forward(input_ids, positions, attn_metadata) -> hidden`, `compute_logits(hidden) -> float32
+logits` (the full vocabulary on every rank) and `attention_layers() -> list[Attention]` (with
+this rank's head counts). Adding a model is adding a file and a line here.
 """
 
 from __future__ import annotations

@@ -1,15 +1,50 @@
-"""Building blocks shared by the model families: linear layers (plain and fused), embedding,
-RMSNorm. Parameters are created uninitialized (`torch.empty`): every value comes from the
+"""Building blocks shared by the model families: linear layers (replicated, and Megatron-style
+column- and row-parallel), vocab-parallel embedding and LM head, RMSNorm.
+
+Parameters are created uninitialized (`torch.empty`): every value comes from the
 checkpoint, and skipping random init makes construction instant even for large models.
+
+Tensor parallelism: a column-parallel layer keeps its rank's rows of each output (no
+communication; its consumer is local), a row-parallel one its rank's columns of the input,
+summing the partial outputs with one all-reduce. Each parallel layer says, through
+`checkpoint_shards(param_name)`, which part of which checkpoint tensor fills each of its
+parameters (a `Shard`); the loader reads just that part. With one rank there is no `Shard`
+(the whole tensor fills the parameter) and no collective.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kernels import ops
+from workers.distributed import SINGLE_RANK, TensorParallelGroup
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's part of a checkpoint tensor: indices [start, start + size) along `dim`
+    (of length `full` in the checkpoint) fill [offset, offset + size) of the parameter's `dim`."""
+
+    dim: int
+    full: int
+    start: int
+    size: int
+    offset: int = 0
+
+
+# checkpoint_shards() keys: None stands for the module's own checkpoint name, a string for a
+# sibling module's (the separate layers a fused one replaces).
+ShardMap = dict[str | None, Shard | None]
+
+
+def even_shard(full: int, tp: TensorParallelGroup, dim: int = 0) -> Shard:
+    """Rank r's 1/world_size of `full` (which the model has checked divides evenly)."""
+    size = full // tp.world_size
+    return Shard(dim, full, tp.rank * size, size)
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -17,7 +52,8 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """y = x W^T + b, with W of shape [out_features, in_features] as in torch and checkpoints."""
+    """y = x W^T + b, with W of shape [out_features, in_features] as in torch and checkpoints;
+    replicated on every rank."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
@@ -28,38 +64,102 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class MergedLinear(Linear):
-    """Several linear layers over the same input, fused into one matmul (qkv_proj, gate_up_proj).
+class MergedColumnParallelLinear(Linear):
+    """Several linear layers over the same input fused into one matmul (qkv_proj, gate_up_proj),
+    each sharded on its own along its output rows: this rank's fused weight is its q, k and v
+    (or gate and up) rows, one after the other.
 
-    `shards` maps each checkpoint layer's name (e.g. "q_proj") to its rows of the fused weight;
-    the loader reads it to place `...self_attn.q_proj.weight` into `...self_attn.qkv_proj.weight`.
+    `parts` maps each checkpoint layer's name (e.g. "q_proj") to this rank's rows of it (a
+    dim-0 `Shard`, as `even_shard` gives); the loader places `...self_attn.q_proj.weight`'s rows
+    into `...self_attn.qkv_proj.weight`. Bias rows follow the weight rows.
     """
 
-    def __init__(self, in_features: int, out_sizes: dict[str, int], bias: bool,
+    def __init__(self, in_features: int, parts: dict[str, Shard], bias: bool,
                  dtype: torch.dtype) -> None:
-        super().__init__(in_features, sum(out_sizes.values()), bias, dtype)
-        self.shards: dict[str, slice] = {}
-        start = 0
-        for name, size in out_sizes.items():
-            self.shards[name] = slice(start, start + size)
-            start += size
+        super().__init__(in_features, sum(part.size for part in parts.values()), bias, dtype)
+        self.shards: dict[str, Shard] = {}
+        offset = 0
+        for name, part in parts.items():
+            self.shards[name] = dataclasses.replace(part, offset=offset)
+            offset += part.size
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return y.split([s.stop - s.start for s in self.shards.values()], dim=-1)
+        return y.split([shard.size for shard in self.shards.values()], dim=-1)
+
+    def checkpoint_shards(self, param_name: str) -> ShardMap:
+        return dict(self.shards)
 
 
-class Embedding(nn.Module):
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype) -> None:
+class RowParallelLinear(Linear):
+    """A linear layer whose input features are sharded (the output of a column-parallel layer):
+    each rank multiplies its slice, one all-reduce sums them, and the bias is added once, after."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 tp: TensorParallelGroup = SINGLE_RANK) -> None:
+        shard = even_shard(in_features, tp, dim=1)
+        super().__init__(shard.size, out_features, bias, dtype)
+        self.tp = tp
+        self.shard = shard if tp.world_size > 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+    def checkpoint_shards(self, param_name: str) -> ShardMap:
+        return {None: self.shard if param_name == "weight" else None}
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds a contiguous range of ceil(vocab / world_size) rows; the last ranks' ranges
+    are padded past the vocabulary with zero rows. Ids outside this rank's range embed to zero
+    and an all-reduce sums the ranks' rows, so each id gets the row of its owner."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype,
+                 tp: TensorParallelGroup = SINGLE_RANK) -> None:
         super().__init__()
-        self.weight = _param(num_embeddings, embedding_dim, dtype=dtype)
+        self.tp = tp
+        self.vocab_size = num_embeddings
+        per_rank = -(-num_embeddings // tp.world_size)
+        self.vocab_start = tp.rank * per_rank
+        self.num_valid = max(0, min(per_rank, num_embeddings - self.vocab_start))
+        self.weight = _param(per_rank, embedding_dim, dtype=dtype)
+        self.shard = None
+        if tp.world_size > 1:
+            self.shard = Shard(0, num_embeddings, self.vocab_start, self.num_valid)
+            with torch.no_grad():
+                self.weight[self.num_valid:].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.tp.world_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local_ids = input_ids - self.vocab_start
+        outside = (local_ids < 0) | (local_ids >= self.num_valid)
+        embedded = F.embedding(local_ids.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(embedded.masked_fill_(outside.unsqueeze(-1), 0))
+
+    def checkpoint_shards(self, param_name: str) -> ShardMap:
+        return {None: self.shard}
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection, sharded over the vocabulary like the embedding (so a tied head
+    shares the embedding's shard): each rank computes its range's logits, an all-gather joins
+    them, and the padding past the vocabulary is dropped."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:
+            return F.linear(hidden, self.weight)
+        logits = self.tp.all_gather(F.linear(hidden, self.weight))
+        if logits.shape[-1] != self.vocab_size:
+            logits = logits[..., :self.vocab_size].contiguous()
+        return logits
 
 
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim; with `residual`, normalizes `x + residual` and returns the sum
-    as the new residual (the fused add-norm between decoder sublayers)."""
+    as the new residual (the fused add-norm between decoder sublayers). Replicated."""
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()

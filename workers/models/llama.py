@@ -1,9 +1,13 @@
 """The Llama family (Llama 2/3, Mistral, SmolLM2), and the decoder the Qwen models reuse.
 
 Module names mirror Hugging Face's (`model.layers.N.self_attn...`), except the fused
-`qkv_proj` and `gate_up_proj`, so checkpoint names map one to one (see `MergedLinear.shards`).
-The step's tokens of every request arrive flattened to `[num_tokens]`; attention metadata
-tells the paged attention which rows belong to which sequence.
+`qkv_proj` and `gate_up_proj`, so checkpoint names map one to one (see
+`MergedColumnParallelLinear.shards`). The step's tokens of every request arrive flattened to
+`[num_tokens]`; attention metadata tells the paged attention which rows belong to which sequence.
+
+Tensor parallel (Megatron-style): each rank holds num_heads / N query heads and their KV heads
+(or, with fewer KV heads than ranks, a copy of the one its query heads use), and 1/N of the
+MLP; o_proj and down_proj all-reduce. Norms and the rotary cache are replicated.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from torch import nn
 
 from kernels import ops
 from workers.attention import Attention, AttentionMetadata
-from workers.models.layers import Embedding, Linear, MergedLinear, RMSNorm
+from workers.distributed import SINGLE_RANK, TensorParallelGroup
+from workers.models.layers import (MergedColumnParallelLinear, ParallelLMHead, RMSNorm,
+                                   RowParallelLinear, Shard, VocabParallelEmbedding, even_shard)
 from workers.models.rotary import RotaryEmbedding, compute_inv_freq
 
 
@@ -34,19 +40,54 @@ def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def num_kv_heads_of(config: Any) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def check_tensor_parallel(config: Any, tp_size: int) -> None:
+    """A ValueError naming the value `tp_size` cannot split, and the sizes that would work."""
+    problem = _tensor_parallel_problem(config, tp_size)
+    if problem:
+        allowed = [n for n in range(1, config.num_attention_heads + 1)
+                   if _tensor_parallel_problem(config, n) is None]
+        raise ValueError(f"{problem}; tensor_parallel_size values this model allows: {allowed}")
+
+
+def _tensor_parallel_problem(config: Any, n: int) -> str | None:
+    heads, kv_heads = config.num_attention_heads, num_kv_heads_of(config)
+    if heads % n:
+        return f"tensor_parallel_size {n} must divide num_attention_heads {heads}"
+    if kv_heads % n and n % kv_heads:
+        return f"tensor_parallel_size {n} must divide num_key_value_heads {kv_heads} or be a multiple of it"
+    if config.intermediate_size % n:
+        return f"tensor_parallel_size {n} must divide intermediate_size {config.intermediate_size}"
+    return None
+
+
+def kv_shard(num_kv_heads: int, head_dim: int, tp: TensorParallelGroup) -> Shard:
+    """This rank's rows of k_proj (or v_proj): its 1/N of the KV heads when there are at least N,
+    else a copy of the one KV head its query heads use (rank r: head r * num_kv_heads // N)."""
+    if num_kv_heads >= tp.world_size:
+        return even_shard(num_kv_heads * head_dim, tp)
+    head = tp.rank * num_kv_heads // tp.world_size
+    return Shard(0, num_kv_heads * head_dim, head * head_dim, head_dim)
+
+
 class LlamaAttention(nn.Module):
+    """Attention over this rank's heads: `num_heads` and `num_kv_heads` are local counts."""
+
     def __init__(self, config: Any, options: LayerOptions, rotary: RotaryEmbedding,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, tp: TensorParallelGroup) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = head_dim_of(config)
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size,
-                                     {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
-                                     options.qkv_bias, dtype)
-        self.o_proj = Linear(q_size, config.hidden_size, options.o_bias, dtype)
+        q_shard = even_shard(config.num_attention_heads * self.head_dim, tp)
+        k_shard = kv_shard(num_kv_heads_of(config), self.head_dim, tp)
+        self.num_heads = q_shard.size // self.head_dim
+        self.num_kv_heads = k_shard.size // self.head_dim
+        self.qkv_proj = MergedColumnParallelLinear(
+            config.hidden_size, {"q_proj": q_shard, "k_proj": k_shard, "v_proj": k_shard},
+            options.qkv_bias, dtype)
+        self.o_proj = RowParallelLinear(q_shard.full, config.hidden_size, options.o_bias, dtype, tp)
         if options.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
@@ -62,14 +103,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any, options: LayerOptions, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, options: LayerOptions, dtype: torch.dtype,
+                 tp: TensorParallelGroup) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; supported: 'silu'")
-        size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size},
-                                         options.mlp_bias, dtype)
-        self.down_proj = Linear(size, config.hidden_size, options.mlp_bias, dtype)
+        shard = even_shard(config.intermediate_size, tp)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, {"gate_proj": shard, "up_proj": shard}, options.mlp_bias, dtype)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size,
+                                           options.mlp_bias, dtype, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
@@ -77,12 +120,12 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, options: LayerOptions, rotary: RotaryEmbedding,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, tp: TensorParallelGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(config, options, rotary, dtype)
+        self.self_attn = LlamaAttention(config, options, rotary, dtype, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(config, options, dtype)
+        self.mlp = LlamaMLP(config, options, dtype, tp)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,12 +137,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, options: LayerOptions, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, options: LayerOptions, dtype: torch.dtype,
+                 tp: TensorParallelGroup) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, tp)
         self.rotary_emb = RotaryEmbedding(config.max_position_embeddings,
                                           compute_inv_freq(config, head_dim_of(config)))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, options, self.rotary_emb, dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, options, self.rotary_emb, dtype, tp)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -115,13 +159,18 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Interface shared by every model: `forward` to final hidden states, `compute_logits` on
-    the rows the sampler needs, `attention_layers` for the runner to bind KV caches."""
+    the rows the sampler needs, `attention_layers` for the runner to bind KV caches.
 
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+    With a `tp` group of N ranks this is rank `tp.rank`'s shard: every rank runs `forward` on
+    the same inputs, and `compute_logits` gives every rank the full vocabulary's logits."""
+
+    def __init__(self, config: Any, dtype: torch.dtype, tp: TensorParallelGroup = SINGLE_RANK) -> None:
         super().__init__()
+        check_tensor_parallel(config, tp.world_size)
         self.config = config
-        self.model = LlamaModel(config, self.layer_options(config), dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype)
+        self.tp = tp
+        self.model = LlamaModel(config, self.layer_options(config), dtype, tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype, tp)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 
