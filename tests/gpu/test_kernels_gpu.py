@@ -2,7 +2,9 @@
 without one). On the GPU machine:
 
     PYTHONPATH=$PWD python -m pytest tests/gpu -q
-    PYTHONPATH=$PWD python tests/gpu/test_kernels_gpu.py --bench   # decode/prefill attention timings
+
+The attention timings are `python -m load_tests.attention_bench`, on the same inputs
+(load_tests/gpu_inputs.py).
 
 Attention is checked against the reference run in float32 on upcast inputs, by the relative
 error ||out - ref|| / ||ref||: bf16 operands land between 1e-3 and 1e-2. Outputs come from
@@ -11,69 +13,21 @@ memory the caching allocator had filled with NaN, so an element the kernel never
 
 from __future__ import annotations
 
-import argparse
-import os
 import random
-import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from kernels import reference
+from load_tests.gpu_inputs import QWEN3_HEADS, AttentionBatch, make_attention_batch
 
 if TYPE_CHECKING:
     from kernels.triton_attention import AttentionConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-QWEN3_HEADS = (16, 8, 128)  # Qwen3-0.6B: query heads, KV heads, head dim
 REL_TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-4}
-
-
-@dataclass
-class AttentionBatch:
-    query: torch.Tensor
-    kv_cache: torch.Tensor
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor
-    block_tables: torch.Tensor
-
-    def args(self) -> tuple:
-        return self.query, self.kv_cache, self.query_start_loc, self.seq_lens, self.block_tables
-
-
-def make_attention_batch(query_lens: list[int], context_lens: list[int], num_heads: int,
-                         num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                         spare_blocks_per_req: int = 0, poison: bool = True) -> AttentionBatch:
-    """Each request's blocks are a random subset of the cache; its sequence's KV are written,
-    and with `poison` every other slot holds NaN (a read past a sequence's end shows)."""
-    device = torch.device("cuda")
-    seq_lens = [q + c for q, c in zip(query_lens, context_lens)]
-    blocks_per_req = [-(-s // block_size) + spare_blocks_per_req for s in seq_lens]
-    num_blocks = sum(blocks_per_req) + 1  # the last block is never a sequence's
-    perm = torch.randperm(num_blocks - 1).tolist()
-    block_tables = torch.full((len(seq_lens), max(blocks_per_req)), num_blocks - 1, dtype=torch.int32)
-    slots = []
-    for i, seq_len in enumerate(seq_lens):
-        blocks = torch.tensor([perm.pop() for _ in range(blocks_per_req[i])], dtype=torch.int32)
-        block_tables[i, :len(blocks)] = blocks
-        pos = torch.arange(seq_len)
-        slots.append(blocks[pos // block_size].long() * block_size + pos % block_size)
-    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
-    if poison:
-        kv_cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
-        slot_mapping = torch.cat(slots).to(device)
-        kv = torch.randn(2, slot_mapping.shape[0], num_kv_heads, head_dim, device=device).to(dtype)
-        reference.write_kv_cache(kv[0], kv[1], kv_cache, slot_mapping)
-    else:
-        kv_cache = torch.randn(shape, device=device).to(dtype)
-    query = torch.randn(sum(query_lens), num_heads, head_dim, device=device).to(dtype)
-    query_start_loc = torch.tensor([0, *query_lens]).cumsum(0).to(torch.int32)
-    return AttentionBatch(query, kv_cache, query_start_loc.to(device),
-                          torch.tensor(seq_lens, dtype=torch.int32, device=device),
-                          block_tables.to(device))
 
 
 def poison_allocator() -> None:
@@ -240,114 +194,3 @@ def test_silu_and_mul() -> None:
     x = torch.randn(333, 2 * 3072, device="cuda").bfloat16()
     poison_allocator()
     torch.testing.assert_close(triton_ops.silu_and_mul(x), reference.silu_and_mul(x))
-
-
-# --------------------------------------------------------------------------------- benchmark
-
-# The bandwidth roofline is this device's copy rate, measured first; the FLOP roofline is the
-# H100's bf16 8192^3 matrix product (shared/device/README.md; an H200 measured about the same).
-MATMUL_FLOPS_PER_S = 777e12
-
-
-def _bench(fn) -> float:
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e-3
-
-
-def bench() -> None:
-    from kernels.triton_attention import AttentionConfig, paged_attention_with_config, select_config
-
-    torch.manual_seed(0)
-    rows: list[str] = []
-    num_heads, num_kv_heads, head_dim = QWEN3_HEADS
-
-    bandwidth = 0.0  # bytes/s, set by the copy below
-
-    def report(name: str, seconds: float, nbytes: float = 0.0, flops: float = 0.0) -> None:
-        floor = max(nbytes / bandwidth if bandwidth else 0.0, flops / MATMUL_FLOPS_PER_S)
-        row = f"{name:<72} {seconds * 1e6:9.1f} us  floor {floor * 1e6:8.1f} us  {floor / seconds:6.1%}"
-        if nbytes:
-            row += f"  {nbytes / seconds / 1e12:5.2f} TB/s"
-        if flops:
-            row += f"  {flops / seconds / 1e12:6.1f} TFLOP/s"
-        rows.append(row)
-        print(row, flush=True)
-
-    copy_src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
-    copy_dst = torch.empty_like(copy_src)
-    rows.append(torch.cuda.get_device_name())
-    copy_seconds = _bench(lambda: copy_dst.copy_(copy_src))
-    bandwidth = 2 * copy_src.numel() / copy_seconds
-    report("device-to-device copy 1 GiB (read + write): the roofline", copy_seconds,
-           nbytes=2 * copy_src.numel())
-    del copy_src, copy_dst
-
-    def kv_bytes(batch: AttentionBatch) -> float:
-        tokens = batch.seq_lens.sum().item()
-        return (2 * tokens * num_kv_heads * head_dim * batch.kv_cache.element_size()
-                + 2 * batch.query.numel() * batch.query.element_size())
-
-    # (name, context lengths, configurations to compare with the automatic one)
-    decode_cases = [
-        ("decode B=256 ctx=1024", [1023] * 256,
-         [AttentionConfig(16, 64, 1, 4, 3), AttentionConfig(16, 128, 1, 4, 2)]),
-        ("decode B=256 ctx~U[100,2048]", [random.Random(0).randint(99, 2047) for _ in range(256)], []),
-        ("decode B=64 ctx=1024", [1023] * 64, []),
-        ("decode B=32 ctx=1024", [1023] * 32, [AttentionConfig(16, 64, s, 4, 2) for s in (1, 2, 4)]),
-        ("decode B=16 ctx=1024", [1023] * 16, []),
-        ("decode B=4 ctx=4096", [4095] * 4, []),
-    ]
-    for name, context_lens, configs in decode_cases:
-        batch = make_attention_batch([1] * len(context_lens), context_lens, *QWEN3_HEADS, 16,
-                                     torch.bfloat16, poison=False)
-        nbytes = kv_bytes(batch)
-        auto = select_config(len(context_lens), len(context_lens), num_heads // num_kv_heads,
-                             batch.block_tables.shape[1] * 16, num_kv_heads, batch.query.device)
-        order = torch.argsort(batch.seq_lens, descending=True)  # as the CUDA graphs start them
-        for config in (auto, *configs):
-            seconds = _bench(lambda: paged_attention_with_config(*batch.args(), 0.088, config, order))
-            label = "auto" if config is auto else "    "
-            report(f"{name} {label} m/n/splits/warps/stages {config.block_m}/{config.block_n}/"
-                   f"{config.num_splits}/{config.num_warps}/{config.num_stages}", seconds, nbytes=nbytes)
-        del batch
-
-    # Prefill: causal FLOPs = 4 * D * H * sum over prompts of (new tokens x keys seen on average).
-    prefill_cases = [
-        ("prefill 8x1024 from scratch", [1024] * 8, [0] * 8,
-         [AttentionConfig(128, 64, 1, 4, 3), AttentionConfig(128, 128, 1, 8, 2)]),
-        ("prefill 4x512 chunk over 2048 cached", [512] * 4, [2048] * 4, []),
-    ]
-    for name, query_lens, context_lens, configs in prefill_cases:
-        batch = make_attention_batch(query_lens, context_lens, *QWEN3_HEADS, 16, torch.bfloat16, poison=False)
-        flops = 4 * head_dim * num_heads * sum(q * (c + (q + 1) / 2) for q, c in zip(query_lens, context_lens))
-        auto = select_config(sum(query_lens), len(query_lens), num_heads // num_kv_heads,
-                             batch.block_tables.shape[1] * 16, num_kv_heads, batch.query.device)
-        for config in (auto, *configs):
-            seconds = _bench(lambda: paged_attention_with_config(*batch.args(), 0.088, config))
-            label = "auto" if config is auto else "    "
-            report(f"{name} {label} m/n/warps/stages {config.block_m}/{config.block_n}/"
-                   f"{config.num_warps}/{config.num_stages}", seconds, flops=flops)
-        del batch
-    q = torch.randn(8, num_heads, 1024, head_dim, device="cuda").bfloat16()
-    k = torch.randn(8, num_kv_heads, 1024, head_dim, device="cuda").bfloat16()
-    v = torch.randn_like(k)
-    flops = 4 * head_dim * num_heads * 8 * 1024 * 1025 / 2
-    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    report("torch SDPA dense causal 8x1024 (comparison)", _bench(sdpa), flops=flops)
-
-    table = "\n".join(rows)
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        with open(os.path.join(out_dir, "bench_attention.txt"), "w") as f:
-            f.write(table + "\n")
-    print("\n" + table)
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bench", action="store_true", help="time attention against the roofline")
-    if parser.parse_args().bench:
-        bench()
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))

@@ -1,7 +1,8 @@
 """The fused sampling kernel on a CUDA GPU at the real vocabulary size (skipped without one).
 
     PYTHONPATH=$PWD python -m pytest tests/gpu/test_sampler_gpu.py -q
-    PYTHONPATH=$PWD python tests/gpu/test_sampler_gpu.py --bench   # old torch path vs fused kernel
+
+The timings (the old torch path against the fused kernel) are `python -m load_tests.sampler_bench`.
 
 - Greedy rows: exactly torch's argmax (the first column among ties), in bf16, fp16 and fp32.
 - Sampled rows: one row of 151936 bf16 logits repeated over 2^17 rows (a stride-0 view), each
@@ -16,34 +17,16 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import pytest
 import torch
 
-from workers.sampler import Sampler, SamplingMetadata
+from load_tests.gpu_inputs import VOCAB, random_seeds, sampling_metadata
+from workers.sampler import Sampler
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-VOCAB = 151936  # Qwen3
 ALPHA = 1e-4
 DEVICE = "cuda"
-
-
-def metadata(temperature: torch.Tensor, **fields) -> SamplingMetadata:
-    """A step's metadata with every processor off unless given."""
-    defaults = dict(
-        temperature=temperature, all_greedy=bool((temperature < 1e-5).all()), top_p=None, top_k=None,
-        min_p=None, generators={}, seeds=None, torch_rows=None, presence_penalty=None,
-        frequency_penalty=None, repetition_penalty=None, output_token_counts=None,
-        prompt_token_mask=None, bias_rows=None, bias_token_ids=None, bias_values=None, ban_rows=None,
-        ban_token_ids=None, max_num_logprobs=-1)
-    return SamplingMetadata(**{**defaults, **fields})
-
-
-def random_seeds(n: int) -> torch.Tensor:
-    return torch.randint(0, 2 ** 63 - 1, (n,), device=DEVICE)
 
 
 def bucket_pvalue(tokens: torch.Tensor, probs: torch.Tensor, num_buckets: int = 32) -> float:
@@ -145,7 +128,7 @@ def test_sampler_routes_rows() -> None:
     seeds = random_seeds(64)
     torch_rows = torch.arange(64, device=DEVICE) % 4 == 0
     top_k = torch.where(torch_rows, 1, VOCAB)  # top-k 1 on the torch rows: a max (bf16 ties)
-    md = metadata(temperature, top_k=top_k, seeds=seeds, torch_rows=torch_rows, max_num_logprobs=3)
+    md = sampling_metadata(temperature, top_k=top_k, seeds=seeds, torch_rows=torch_rows, max_num_logprobs=3)
     out = Sampler()(logits, md)
     fused = sample_gumbel(logits, temperature, seeds)
     assert torch.equal(out.sampled_token_ids[~torch_rows], fused[~torch_rows])
@@ -185,52 +168,3 @@ def test_engine_seeded_request_is_batch_independent(tmp_path) -> None:
     other_seed = llm.generate([prompt], SamplingParams(temperature=1.0, seed=99, max_tokens=16,
                                                        ignore_eos=True))[0].token_ids
     assert other_seed != alone
-
-
-# ------------------------------------------------------------------------------------- bench
-
-def bench() -> None:
-    from triton.testing import do_bench
-
-    from kernels.triton_sampling import sample_gumbel
-
-    print(f"{torch.cuda.get_device_name()}; vocab {VOCAB}, bf16 logits; median GPU ms (do_bench)")
-    print(f"{'batch':>5} {'mode':<8} {'old: .float()+torch':>20} {'new: sampler':>13} {'kernel':>8} {'speed-up':>9}")
-    sampler = Sampler()
-    for batch in (1, 16, 64, 256):
-        torch.manual_seed(0)
-        logits = (torch.randn(batch, VOCAB, device=DEVICE) * 3).to(torch.bfloat16)
-        seeds = random_seeds(batch)
-        for mode, temp in (("T=0.6", 0.6), ("greedy", 0.0)):
-            temperature = torch.full((batch,), temp, device=DEVICE)
-            old_md, new_md = metadata(temperature), metadata(temperature, seeds=seeds)
-            old = do_bench(lambda: sampler(logits.float(), old_md), return_mode="median")
-            new = do_bench(lambda: sampler(logits, new_md), return_mode="median")
-            kernel = do_bench(lambda: sample_gumbel(logits, temperature, seeds), return_mode="median")
-            print(f"{batch:>5} {mode:<8} {old:>20.4f} {new:>13.4f} {kernel:>8.4f} {old / new:>8.1f}x")
-
-    print("\nkernel configurations (T=0.6), median ms:")
-    for batch in (1, 256):
-        logits = (torch.randn(batch, VOCAB, device=DEVICE) * 3).to(torch.bfloat16)
-        temperature = torch.full((batch,), 0.6, device=DEVICE)
-        seeds = random_seeds(batch)
-        results = []
-        for split in (4096, 8192, 16384):
-            for block in (512, 1024, 2048):
-                for warps in (2, 4, 8):
-                    ms = do_bench(lambda: sample_gumbel(logits, temperature, seeds, split, block, warps),
-                                  return_mode="median")
-                    results.append((ms, split, block, warps))
-        results.sort()
-        print(f"batch {batch}: " + ", ".join(f"split {s} block {b} warps {w}: {ms:.4f}"
-                                             for ms, s, b, w in results[:6]))
-        print(f"batch {batch} slowest: {results[-1]}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--bench", action="store_true")
-    if parser.parse_args().bench:
-        bench()
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))
