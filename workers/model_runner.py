@@ -27,7 +27,7 @@ from workers.cuda_graphs import CudaGraphRunner
 from workers.input_batch import InputBatch
 from workers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs_rows
 from workers.spec_decode import DraftProposer, SpecLayout, accept_greedy, emitted_per_row, verify_drafts
-from workers.step_inputs import StepInputs
+from workers.step_inputs import StepInputs, block_table_width
 from workers.upload import upload
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) over 64 bits
@@ -104,7 +104,7 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Run eager steps of a few shapes so that every Triton kernel variant they need
         (specialized on 1, multiples of 16, or neither) compiles now rather than mid-serving."""
-        width = min(16, self.batch.block_table.shape[1])
+        width = block_table_width(1, self.batch.block_table.shape[1])
         for num_reqs, tokens_per_req in ((1, 17), (2, 8), (3, 5), (16, 16), (16, 1), (3, 1)):
             num_tokens = num_reqs * tokens_per_req
             inputs = StepInputs(
@@ -181,9 +181,7 @@ class ModelRunner:
         block_ids = batch.block_table[req_index, positions // self.block_size].astype(np.int64)
         slot_mapping = block_ids * self.block_size + positions % self.block_size
         seq_lens = num_computed + num_scheduled
-        # Triton specializes integer arguments on divisibility by 16, the block table's row
-        # stride among them: a width rounded up to 16 keeps every step on compiled kernels.
-        max_blocks = min(-(-int(batch.num_blocks[rows].max()) // 16) * 16, batch.block_table.shape[1])
+        max_blocks = block_table_width(int(batch.num_blocks[rows].max()), batch.block_table.shape[1])
 
         # Positions past the host's known tokens (and drafts) hold tokens the previous step is
         # sampling.
@@ -304,8 +302,7 @@ class ModelRunner:
 
     def _propose(self, step: PendingStep) -> dict[str, list[int]]:
         """Drafts for the requests that sampled this step and are still in the batch. Rows
-        whose sampling reads their own tokens (penalties, logit bias, min_tokens) never
-        speculate: their distribution would shift with every draft before it."""
+        with logits processors never speculate (see SamplingParams.has_logits_processors)."""
         batch = self.batch
         live = self._live(step)
         rows = step.rows[live]
@@ -357,14 +354,14 @@ class ModelRunner:
         b = self.batch
         num_output = seq_lens - b.num_prompt_tokens[rows]
         temperature = b.temperature[rows]
-        greedy = temperature < 1e-5
+        greedy = temperature == 0
         top_k = b.top_k[rows]
         uses_top_k = (top_k > 0) & (top_k < self.vocab_size)
         top_p = b.top_p[rows]
         min_p = b.min_p[rows]
         presence, frequency, repetition = (b.presence_penalty[rows], b.frequency_penalty[rows],
                                            b.repetition_penalty[rows])
-        penalized = (presence != 0) | (frequency != 0) | (repetition != 1.0)
+        penalized = b.penalized[rows]
         output_counts = prompt_mask = None
         if penalized.any():
             # Penalties read the tokens themselves: wait for the ones still in flight.

@@ -34,7 +34,7 @@ DEVICE = "cuda"
 def metadata(temperature: torch.Tensor, **fields) -> SamplingMetadata:
     """A step's metadata with every processor off unless given."""
     defaults = dict(
-        temperature=temperature, all_greedy=bool((temperature < 1e-5).all()), top_p=None, top_k=None,
+        temperature=temperature, all_greedy=bool((temperature == 0).all()), top_p=None, top_k=None,
         min_p=None, generators={}, seeds=None, torch_rows=None, presence_penalty=None,
         frequency_penalty=None, repetition_penalty=None, output_token_counts=None,
         prompt_token_mask=None, bias_rows=None, bias_token_ids=None, bias_values=None, ban_rows=None,
