@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import math
 import time
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 import msgspec
@@ -53,6 +54,9 @@ TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 MinP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 LogitBiasValue = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]
+# A temperature below this samples greedily: SamplingParams makes it exactly 0, so the workers
+# and kernels test `temperature == 0` and never divide by a temperature that small.
+GREEDY_TEMPERATURE = 1e-5
 
 
 class SamplingParams(msgspec.Struct, **_STRUCT):
@@ -82,6 +86,35 @@ class SamplingParams(msgspec.Struct, **_STRUCT):
     ignore_eos: bool = False
     logprobs: NumLogprobs | None = None  # number of top alternatives besides the sampled token
     prompt_logprobs: NumLogprobs | None = None
+
+    def __post_init__(self) -> None:
+        # msgspec runs this on construction, on `msgspec.structs.replace` and on decoding, so
+        # the workers only ever see a greedy temperature as 0. Negative or non-finite values
+        # are left for `validate` to refuse.
+        if 0.0 < self.temperature < GREEDY_TEMPERATURE:
+            self.temperature = 0.0
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether sampling counts the request's own tokens (presence, frequency, repetition)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def has_logits_processors(self) -> bool:
+        """Whether sampling edits the logits: penalties, logit bias, or min_tokens' ban of the
+        stop tokens. Such a request never speculates: penalties and the ban shift with every
+        draft before a position, and draft verification applies no processor."""
+        return bool(self.has_penalties or self.logit_bias or self.min_tokens)
+
+    def stop_ids(self, eos_token_ids: Iterable[int]) -> frozenset[int]:
+        """The token ids that end the request: its stop tokens, and EOS unless ignore_eos."""
+        if self.ignore_eos:
+            return frozenset(self.stop_token_ids)
+        return frozenset(self.stop_token_ids).union(eos_token_ids)
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first bad field, its value and the allowed range."""

@@ -43,9 +43,7 @@ class Request:
         self.stop_reason: int | None = None
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of all_token_ids
         self.prompt_logprobs: list[Logprobs] = []  # chunks gathered until the first output
-        params = request.sampling_params
-        self.stop_token_ids: frozenset[int] = frozenset(params.stop_token_ids) | (
-            frozenset() if params.ignore_eos else eos_token_ids)
+        self.stop_token_ids: frozenset[int] = request.sampling_params.stop_ids(eos_token_ids)
 
     @property
     def num_tokens(self) -> int:

@@ -140,7 +140,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def sample_gumbel(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     """logits [B, vocab] (any float dtype), temperature [B], seeds [B] int64 -> token ids [B].
 
-    A row whose temperature is below 1e-5 takes `argmax(logits)` (the first on ties); any
+    A row whose temperature is 0 takes `argmax(logits)` (the first on ties); any
     other row samples softmax(logits / T) as `argmax(logits / T + Gumbel noise)`, the noise
     drawn from a generator seeded with the row's seed alone, so a row's token does not depend
     on its batch. The Triton kernel draws its noise from Philox instead (see
@@ -148,7 +148,7 @@ def sample_gumbel(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
     rows and in distribution on the others."""
     x = logits.float()
     tokens = x.argmax(dim=-1)
-    for row in torch.nonzero(temperature >= 1e-5).flatten().tolist():
+    for row in torch.nonzero(temperature != 0).flatten().tolist():
         generator = torch.Generator(device=logits.device).manual_seed(int(seeds[row]))
         # -log(E) with E ~ Exp(1) is Gumbel noise.
         noise = -torch.empty_like(x[row]).exponential_(generator=generator).log()

@@ -1,6 +1,6 @@
 """Fused sampling: one pass over the logits, in their own dtype, to a token id per row.
 
-Row i takes `argmax(logits[i])` when its temperature is below 1e-5 (greedy), otherwise
+Row i takes `argmax(logits[i])` when its temperature is 0 (greedy), otherwise
 `argmax(logits[i] / T + Gumbel noise)`, which is a sample of `softmax(logits[i] / T)` (the
 Gumbel-max trick). The noise is counter-based: column c of a row with key `seeds[i]` uses
 output `c % 4` of Philox4x32-10 keyed by the 64-bit seed at counter `c // 4`. So a row's
@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-_GREEDY_EPS = tl.constexpr(1e-5)  # as workers.sampler: a temperature below this is greedy
 _INT32_MAX = tl.constexpr(2 ** 31 - 1)
 _SPLIT_SIZE = 8192
 _BLOCK_SIZE = 1024
@@ -73,7 +72,7 @@ def _gumbel_split_kernel(logits_ptr, stride_row, temperature_ptr, seeds_ptr,
     row = tl.program_id(0)
     split = tl.program_id(1)
     temperature = tl.load(temperature_ptr + row)
-    greedy = temperature < _GREEDY_EPS
+    greedy = temperature == 0.0
     seed = tl.load(seeds_ptr + row)
     # Scores in log2 units: logits * log2(e) / T - log2(E) ranks columns as logits / T + Gumbel.
     scale = 1.4426950408889634 / tl.where(greedy, 1.0, temperature)

@@ -23,9 +23,11 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+import msgspec
 import pytest
 import torch
 
+from engine_core.protocol import GREEDY_TEMPERATURE, SamplingParams
 from kernels import reference
 from triton_interpreter import interpreter_tests, run_cases
 from workers.sampler import Sampler, SamplingMetadata
@@ -61,7 +63,7 @@ def metadata(temperature: torch.Tensor | list[float], **fields) -> SamplingMetad
     """A step's metadata with every processor off unless given."""
     temperature = torch.as_tensor(temperature, dtype=torch.float32)
     defaults = dict(
-        temperature=temperature, all_greedy=bool((temperature < 1e-5).all()), top_p=None, top_k=None,
+        temperature=temperature, all_greedy=bool((temperature == 0).all()), top_p=None, top_k=None,
         min_p=None, generators={}, seeds=None, torch_rows=None, presence_penalty=None,
         frequency_penalty=None, repetition_penalty=None, output_token_counts=None,
         prompt_token_mask=None, bias_rows=None, bias_token_ids=None, bias_values=None, ban_rows=None,
@@ -102,11 +104,23 @@ def test_chi_square_check_tells_right_from_wrong() -> None:
     assert not samples_match(tokens, zeroed / zeroed.sum())
 
 
+def test_a_tiny_temperature_becomes_greedy() -> None:
+    for params in (SamplingParams(temperature=1e-6), msgspec.structs.replace(SamplingParams(), temperature=1e-6),
+                   msgspec.msgpack.decode(msgspec.msgpack.encode(SamplingParams(temperature=1e-6)),
+                                          type=SamplingParams)):
+        assert params.temperature == 0.0 and params.is_greedy
+    assert SamplingParams(temperature=GREEDY_TEMPERATURE).temperature == GREEDY_TEMPERATURE
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1e-6).validate()
+
+
 def test_greedy_rows_take_the_argmax() -> None:
     logits = torch.randn(6, 50)
-    temperature = [0.0, 1.0, 0.0, 0.5, 1e-6, 0.0]
+    requested = [0.0, 1.0, 0.0, 0.5, 1e-6, 0.0]
+    # The workers see temperatures as SamplingParams leaves them: tiny ones are 0.
+    temperature = [SamplingParams(temperature=t).temperature for t in requested]
     sampled = Sampler()(logits.clone(), metadata(temperature)).sampled_token_ids
-    greedy = torch.tensor([t < 1e-5 for t in temperature])
+    greedy = torch.tensor([t < GREEDY_TEMPERATURE for t in requested])
     assert torch.equal(sampled[greedy], logits.argmax(-1)[greedy])
     assert torch.equal(Sampler()(logits.clone(), metadata([0.0] * 6)).sampled_token_ids, logits.argmax(-1))
 

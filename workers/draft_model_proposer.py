@@ -24,7 +24,7 @@ from torch import nn
 from workers.attention import bind_kv_caches
 from workers.cuda_graphs import CudaGraphRunner
 from workers.input_batch import InputBatch
-from workers.step_inputs import StepInputs
+from workers.step_inputs import StepInputs, block_table_width
 from workers.upload import upload
 
 
@@ -84,8 +84,7 @@ class DraftModelProposer:
     def _decode_inputs(self, rows: np.ndarray, positions: np.ndarray, input_ids: torch.Tensor) -> StepInputs:
         """One query token per row at `positions`, attending to everything before it."""
         batch, bs = self.batch, self.block_size
-        # As the model runner's: a block-table width rounded up to 16 keeps to compiled kernels.
-        width = min(-(-int(positions.max() // bs + 1) // 16) * 16, batch.block_table.shape[1])
+        width = block_table_width(int(positions.max() // bs + 1), batch.block_table.shape[1])
         return StepInputs(
             input_ids=input_ids,
             positions=positions,

@@ -42,8 +42,9 @@ class InputBatch:
         self.min_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_logprobs = np.full(max_num_reqs, _NO_LOGPROBS, dtype=np.int64)
         self.num_prompt_logprobs = np.full(max_num_reqs, _NO_LOGPROBS, dtype=np.int64)
-        # Rows whose sampling reads their own tokens or output count (penalties, logit bias,
-        # min_tokens): drafts would shift their distribution, so they never speculate.
+        # Rows whose sampling counts their own tokens (SamplingParams.has_penalties), and rows
+        # that never speculate (SamplingParams.has_logits_processors, penalties among them).
+        self.penalized = np.zeros(max_num_reqs, dtype=bool)
         self.no_spec = np.zeros(max_num_reqs, dtype=bool)
         # Sparse, rarely used parameters stay in dicts keyed by row.
         self.seeds: dict[int, int] = {}
@@ -73,15 +74,15 @@ class InputBatch:
         self.min_tokens[row] = p.min_tokens
         self.num_logprobs[row] = _NO_LOGPROBS if p.logprobs is None else p.logprobs
         self.num_prompt_logprobs[row] = _NO_LOGPROBS if p.prompt_logprobs is None else p.prompt_logprobs
-        self.no_spec[row] = bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-                                 or p.logit_bias or p.min_tokens)
+        self.penalized[row] = p.has_penalties
+        self.no_spec[row] = p.has_logits_processors
         if p.seed is not None:
             self.seeds[row] = p.seed
             self.generators[row] = torch.Generator(device=self.device)
         if p.logit_bias:
             self.logit_bias[row] = p.logit_bias
         if p.min_tokens > 0:
-            self.stop_token_ids[row] = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
+            self.stop_token_ids[row] = list(p.stop_ids(self.eos_token_ids))
 
     def remove_request(self, request_id: str) -> None:
         row = self.req_id_to_row.pop(request_id, None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,34 +26,57 @@ from workers.attention import bind_kv_caches
 from workers.cuda_graphs import CudaGraphRunner
 from workers.input_batch import InputBatch
 from workers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs_rows
+from workers.sampling_metadata import SamplingMetadataBuilder
 from workers.spec_decode import DraftProposer, SpecLayout, accept_greedy, emitted_per_row, verify_drafts
-from workers.step_inputs import StepInputs
+from workers.step_inputs import StepInputs, block_table_width
 from workers.upload import upload
 
-_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) over 64 bits
 _SAMPLED_HOST_BUFFERS = 4
 
 
-def _seed_key(seed: int, num_output: int) -> int:
-    """The random key of a seeded request's sample at one output position: its tokens then
-    depend neither on the batch around it nor on preemption."""
-    return (seed + num_output * _SEED_MIX) % (1 << 63)
+@dataclass
+class _ScheduledBatch:
+    """The step's scheduled requests, in batch order, and where their tokens are."""
+
+    request_ids: list[str]
+    rows: np.ndarray  # [R] their rows in the batch
+    num_scheduled: np.ndarray  # [R] query tokens, drafts included
+    num_draft: np.ndarray  # [R]
+    num_computed: np.ndarray  # [R] tokens already in the KV cache
+    cu_num_tokens: np.ndarray  # [R] where each request's query tokens end among the step's
+    seq_lens: np.ndarray  # [R] num_computed + num_scheduled
+    inputs: StepInputs
+
+
+@dataclass
+class _LogitsRows:
+    """The requests that sample this step, and the step's tokens whose logits they sample
+    from: a request's last token, and with drafts each draft too (see SpecLayout)."""
+
+    request_ids: list[str]
+    rows: np.ndarray  # [B] their rows in the batch
+    seq_lens: np.ndarray  # [B]
+    layout: SpecLayout | None  # with drafts to verify
+    logits_indices: np.ndarray  # [N] the step's token each logits row is computed at
+    logits_rows: np.ndarray  # [N] that token's batch row
+    logits_seq_lens: np.ndarray  # [N] its request's tokens up to and including it
 
 
 @dataclass
 class PendingStep:
-    """A launched step: what `collect` needs once the device is done."""
+    """A launched step: what `collect` needs once the device is done. Left at its defaults, a
+    step in which no request samples."""
 
-    request_ids: list[str]  # requests that sample, in batch order
-    rows: np.ndarray  # their rows at launch
+    request_ids: list[str] = field(default_factory=list)  # requests that sample, in batch order
+    rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # their rows at launch
     # Pinned host copy of the sampled ids, filled asynchronously: [requests, 1 + max drafts],
     # each row the request's new tokens padded with -1 (or, with greedy_draft_token_ids, the
     # argmax at every logits row).
-    sampled_host: torch.Tensor | None
-    ready: torch.cuda.Event | None  # recorded after that copy; None on the CPU
-    sampler_output: SamplerOutput | None
-    num_logprobs: list[int]  # per sampling request, -1 for none
-    prompt_logprobs: dict[str, Logprobs]
+    sampled_host: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None  # recorded after that copy; None on the CPU
+    sampler_output: SamplerOutput | None = None
+    num_logprobs: list[int] = field(default_factory=list)  # per sampling request, -1 for none
+    prompt_logprobs: dict[str, Logprobs] = field(default_factory=dict)
     propose_drafts: bool = False
     spec_layout: SpecLayout | None = None  # with drafts verified this step
     # Drafts of an all-greedy step, verified on the host once sampled_host (then the argmax at
@@ -73,10 +96,10 @@ class ModelRunner:
         self.kv_caches = kv_caches
         bind_kv_caches(model, kv_caches)
         self.block_size = block_size
-        self.vocab_size = vocab_size
         self.device = device
         max_blocks_per_req = -(-max_model_len // block_size)
         self.batch = InputBatch(max_num_reqs, max_model_len, max_blocks_per_req, eos_token_ids, device)
+        self.sampling_metadata = SamplingMetadataBuilder(self.batch, vocab_size, device)
         self.sampler = Sampler()
         self.max_model_len = max_model_len
         self.proposer = make_proposer(self.batch) if make_proposer is not None else None
@@ -104,7 +127,7 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Run eager steps of a few shapes so that every Triton kernel variant they need
         (specialized on 1, multiples of 16, or neither) compiles now rather than mid-serving."""
-        width = min(16, self.batch.block_table.shape[1])
+        width = block_table_width(1, self.batch.block_table.shape[1])
         for num_reqs, tokens_per_req in ((1, 17), (2, 8), (3, 5), (16, 16), (16, 1), (3, 1)):
             num_tokens = num_reqs * tokens_per_req
             inputs = StepInputs(
@@ -163,113 +186,160 @@ class ModelRunner:
         get that step's sampled token on the device, never through the host."""
         self.update_states(scheduler_output)
         if scheduler_output.total_num_scheduled_tokens == 0:
-            self.pending.append(PendingStep([], np.empty(0, np.int64), None, None, None, [], {}))
+            self.pending.append(PendingStep())
             return
+        scheduled = self._prepare_inputs(scheduler_output)
+        hidden = self._forward(scheduled.inputs, int(scheduled.num_scheduled.max()))
+        prompt_logprobs = self._prompt_logprobs(hidden, scheduled)
+        propose = scheduler_output.propose_drafts and self.proposer is not None
+        sampling = self._logits_rows(scheduled)
+        if sampling is None:
+            self.pending.append(PendingStep(prompt_logprobs=prompt_logprobs, propose_drafts=propose))
+            return
+        logits = self._compute_logits(hidden, sampling.logits_indices, scheduled.inputs.num_tokens)
+        sampled, out, greedy_draft_token_ids = self._sample(logits, sampling)
+        sampled_host, ready = self._copy_to_host(sampled)
+        self.pending.append(PendingStep(
+            request_ids=sampling.request_ids, rows=sampling.rows, sampled_host=sampled_host, ready=ready,
+            sampler_output=out, num_logprobs=self.batch.num_logprobs[sampling.rows].tolist(),
+            prompt_logprobs=prompt_logprobs, propose_drafts=propose, spec_layout=sampling.layout,
+            greedy_draft_token_ids=greedy_draft_token_ids))
+
+    def _prepare_inputs(self, scheduler_output: SchedulerOutput) -> _ScheduledBatch:
+        """Gather the step's inputs from the batch with vectorized numpy."""
         batch = self.batch
         request_ids = list(scheduler_output.num_scheduled_tokens)
         rows = np.fromiter((batch.req_id_to_row[r] for r in request_ids), np.int64, len(request_ids))
         num_scheduled = np.fromiter(scheduler_output.num_scheduled_tokens.values(), np.int64, len(rows))
         num_draft = self._place_drafts(scheduler_output.scheduled_spec_token_ids, request_ids, rows)
-
         # Token t of the step belongs to request req_index[t] at position positions[t].
         cu_num_tokens = np.cumsum(num_scheduled)
         num_computed = batch.num_computed_tokens[rows]
+        seq_lens = num_computed + num_scheduled
         req_index = np.repeat(rows, num_scheduled)
         positions = np.arange(cu_num_tokens[-1]) + np.repeat(num_computed - (cu_num_tokens - num_scheduled),
                                                              num_scheduled)
-        input_ids = batch.token_ids[req_index, positions]
         block_ids = batch.block_table[req_index, positions // self.block_size].astype(np.int64)
-        slot_mapping = block_ids * self.block_size + positions % self.block_size
-        seq_lens = num_computed + num_scheduled
-        # Triton specializes integer arguments on divisibility by 16, the block table's row
-        # stride among them: a width rounded up to 16 keeps every step on compiled kernels.
-        max_blocks = min(-(-int(batch.num_blocks[rows].max()) // 16) * 16, batch.block_table.shape[1])
-
         # Positions past the host's known tokens (and drafts) hold tokens the previous step is
         # sampling.
         in_flight = np.flatnonzero(positions >= batch.num_tokens[req_index] + np.repeat(num_draft, num_scheduled))
-        source = self.prev_sampled_index[req_index[in_flight]]
+        width = block_table_width(int(batch.num_blocks[rows].max()), batch.block_table.shape[1])
+        inputs = StepInputs(
+            input_ids=batch.token_ids[req_index, positions],
+            positions=positions,
+            slot_mapping=block_ids * self.block_size + positions % self.block_size,
+            query_start_loc=np.concatenate(([0], cu_num_tokens)).astype(np.int32),
+            seq_lens=seq_lens.astype(np.int32),
+            block_tables=batch.block_table[rows, :width],
+            in_flight=in_flight,
+            in_flight_source=self.prev_sampled_index[req_index[in_flight]],
+            prev_sampled=self.prev_sampled,
+        )
+        return _ScheduledBatch(request_ids=request_ids, rows=rows, num_scheduled=num_scheduled, num_draft=num_draft,
+                               num_computed=num_computed, cu_num_tokens=cu_num_tokens, seq_lens=seq_lens,
+                               inputs=inputs)
 
-        inputs = StepInputs(input_ids, positions, slot_mapping, np.concatenate(([0], cu_num_tokens)).astype(np.int32),
-                            seq_lens.astype(np.int32), batch.block_table[rows, :max_blocks], in_flight, source,
-                            self.prev_sampled)
-        max_query_len = int(num_scheduled.max())
-        shape = self.cuda_graphs.shape_for(len(rows), len(positions), max_query_len) if self.cuda_graphs else None
-        if shape is not None:
-            hidden = self.cuda_graphs.run(inputs, shape)
-        else:
-            hidden = self.model(*inputs.upload(self.device))
+    def _forward(self, inputs: StepInputs, max_query_len: int) -> torch.Tensor:
+        """The hidden states of every token of the step, by a captured graph if one fits."""
+        graphs = self.cuda_graphs
+        shape = graphs.shape_for(inputs.num_reqs, inputs.num_tokens, max_query_len) if graphs else None
+        hidden = graphs.run(inputs, shape) if shape is not None else self.model(*inputs.upload(self.device))
         if self.proposer is not None:
             self.proposer.prepare(inputs, max_query_len)
+        return hidden
 
-        # Requests whose computed tokens caught up with their tokens sample a new one; the
-        # others were mid-prefill. Each samples after its last token and after each draft.
-        sampling = seq_lens >= batch.num_tokens[rows]
-        sample_rows = rows[sampling]
-        sample_ids = [request_ids[i] for i in np.flatnonzero(sampling)]
-        layout = SpecLayout.build(num_draft[sampling]) if num_draft.any() and len(sample_rows) else None
-        if layout is None:
-            logits_indices = cu_num_tokens[sampling] - 1
-            logits_rows, logits_seq_lens = sample_rows, seq_lens[sampling]
-        else:
-            logits_indices = np.repeat(cu_num_tokens[sampling] - layout.num_logits, layout.num_logits) \
-                + layout.index_in_request
-            logits_rows = np.repeat(sample_rows, layout.num_logits)
-            logits_seq_lens = np.repeat(seq_lens[sampling] - num_draft[sampling], layout.num_logits) \
-                + layout.index_in_request
+    def _logits_rows(self, scheduled: _ScheduledBatch) -> _LogitsRows | None:
+        """The requests that sample and where their logits come from; None when none does.
+        Requests whose computed tokens caught up with their tokens sample a new one; the others
+        were mid-prefill. Each samples after its last token and after each draft."""
+        s = scheduled
+        sampling = s.seq_lens >= self.batch.num_tokens[s.rows]
+        if not sampling.any():
+            return None
+        request_ids = [s.request_ids[i] for i in np.flatnonzero(sampling)]
+        rows, seq_lens, ends = s.rows[sampling], s.seq_lens[sampling], s.cu_num_tokens[sampling]
+        if not s.num_draft.any():
+            return _LogitsRows(request_ids=request_ids, rows=rows, seq_lens=seq_lens, layout=None,
+                               logits_indices=ends - 1, logits_rows=rows, logits_seq_lens=seq_lens)
+        num_draft = s.num_draft[sampling]
+        layout = SpecLayout.build(num_draft)
+        # A request's logits rows are its last tokens: the one before its drafts, then each draft.
+        return _LogitsRows(
+            request_ids=request_ids, rows=rows, seq_lens=seq_lens, layout=layout,
+            logits_indices=np.repeat(ends - layout.num_logits, layout.num_logits) + layout.index_in_request,
+            logits_rows=np.repeat(rows, layout.num_logits),
+            logits_seq_lens=np.repeat(seq_lens - num_draft, layout.num_logits) + layout.index_in_request)
 
-        prompt_logprobs = self._prompt_logprobs(hidden, rows, num_computed, num_scheduled,
-                                                cu_num_tokens, request_ids)
-        propose = scheduler_output.propose_drafts and self.proposer is not None
-        if not len(sample_rows):
-            self.pending.append(PendingStep([], sample_rows, None, None, None, [], prompt_logprobs, propose))
-            return
-        # Logits stay in the model's dtype: the fused sampling kernel reads them as they are.
+    def _compute_logits(self, hidden: torch.Tensor, logits_indices: np.ndarray, num_tokens: int) -> torch.Tensor:
         # Logits rows are increasing token indices: as many as tokens means every token.
-        logits_hidden = hidden[:len(logits_indices)] if len(logits_indices) == len(positions) \
-            else hidden[self._to_device(logits_indices)]
-        logits = self.model.compute_logits(logits_hidden, float32=False)
-        metadata = self._sampling_metadata(logits_rows, logits_seq_lens)
+        if len(logits_indices) != num_tokens:
+            hidden = hidden[self._to_device(logits_indices)]
+        # Logits stay in the model's dtype: the fused sampling kernel reads them as they are.
+        return self.model.compute_logits(hidden, float32=False)
+
+    def _sample(self, logits: torch.Tensor, sampling: _LogitsRows
+                ) -> tuple[torch.Tensor, SamplerOutput, np.ndarray | None]:
+        """The new tokens on the device, [requests, 1 + max drafts] padded with -1, and the
+        sampler's output. An all-greedy step verifying drafts returns the argmax at every
+        logits row instead, [N], and the drafts, which the host accepts (accept_greedy)."""
+        metadata = self._sampling_metadata(sampling)
         out = self.sampler(logits, metadata)
-        greedy_draft_token_ids = None
-        if layout is None:
-            sampled = out.sampled_token_ids.unsqueeze(1)
-            # Async scheduling (never with drafts) feeds these to the next step on the device.
-            self.prev_sampled = out.sampled_token_ids
-            self.prev_sampled_index.fill(-1)
-            self.prev_sampled_index[sample_rows] = np.arange(len(sample_rows))
-        elif metadata.all_greedy and out.logprobs is None:
-            sampled = out.sampled_token_ids
-            greedy_draft_token_ids = self._draft_token_ids(layout, logits_rows, logits_seq_lens)
-        else:
-            draft_token_ids = self._draft_token_ids(layout, logits_rows, logits_seq_lens)
-            to_device = self._to_device
-            sampled = verify_drafts(logits, metadata, out.sampled_token_ids, layout, to_device(draft_token_ids),
-                                    self._request_keys(sample_rows, seq_lens[sampling]), to_device)
-            if out.logprobs is not None:
-                # Logprobs of the tokens emitted at each position, not of the sampler's draws.
-                ids, lps, ranks = compute_logprobs_rows(logits.float().log_softmax(dim=-1),
-                                                        emitted_per_row(sampled, layout, to_device),
-                                                        metadata.max_num_logprobs)
-                out = SamplerOutput(out.sampled_token_ids, ids, lps, ranks)
+        if sampling.layout is None:
+            self._feed_next_step(out.sampled_token_ids, sampling.rows)
+            return out.sampled_token_ids.unsqueeze(1), out, None
+        draft_token_ids = self._draft_token_ids(sampling)
+        if metadata.all_greedy and out.logprobs is None:
+            return out.sampled_token_ids, out, draft_token_ids
+        sampled, out = self._verify_drafts(logits, metadata, out, sampling, draft_token_ids)
+        return sampled, out, None
 
+    def _sampling_metadata(self, sampling: _LogitsRows) -> SamplingMetadata:
+        penalized = self.batch.penalized[sampling.logits_rows]
+        if penalized.any():
+            # Penalties count the rows' own tokens: those of the steps in flight must be on the
+            # host first.
+            for step in self.pending:
+                self._write_back(step)
+        return self.sampling_metadata.build(sampling.logits_rows, sampling.logits_seq_lens, penalized)
+
+    def _feed_next_step(self, sampled: torch.Tensor, rows: np.ndarray) -> None:
+        """Keep the sampled ids on the device for the next step's inputs (async scheduling,
+        never with drafts)."""
+        self.prev_sampled = sampled
+        self.prev_sampled_index.fill(-1)
+        self.prev_sampled_index[rows] = np.arange(len(rows))
+
+    def _verify_drafts(self, logits: torch.Tensor, metadata: SamplingMetadata, out: SamplerOutput,
+                       sampling: _LogitsRows, draft_token_ids: np.ndarray) -> tuple[torch.Tensor, SamplerOutput]:
+        to_device = self._to_device
+        keys = self.sampling_metadata.request_keys(sampling.rows, sampling.seq_lens)
+        sampled = verify_drafts(logits, metadata, out.sampled_token_ids, sampling.layout, to_device(draft_token_ids),
+                                keys, to_device)
+        if out.logprobs is None:
+            return sampled, out
+        # Logprobs of the tokens emitted at each position, not of the sampler's draws.
+        ids, lps, ranks = compute_logprobs_rows(logits.float().log_softmax(dim=-1),
+                                                emitted_per_row(sampled, sampling.layout, to_device),
+                                                metadata.max_num_logprobs)
+        return sampled, SamplerOutput(out.sampled_token_ids, ids, lps, ranks)
+
+    def _copy_to_host(self, sampled: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Enqueue the copy of the sampled ids to the next pinned buffer, and an event after it."""
         assert len(self.pending) < len(self.sampled_host), "more steps in flight than sampled-id buffers"
-        sampled_host = self.sampled_host[self.num_launched % len(self.sampled_host)][:sampled.numel()]
-        sampled_host = sampled_host.view(sampled.shape).copy_(sampled, non_blocking=True)
+        buffer = self.sampled_host[self.num_launched % len(self.sampled_host)][:sampled.numel()]
         self.num_launched += 1
-        ready = None
-        if self.device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record()
-        self.pending.append(PendingStep(sample_ids, sample_rows, sampled_host, ready, out,
-                                        batch.num_logprobs[sample_rows].tolist(), prompt_logprobs,
-                                        propose, layout, greedy_draft_token_ids))
+        sampled_host = buffer.view(sampled.shape).copy_(sampled, non_blocking=True)
+        if self.device.type != "cuda":
+            return sampled_host, None
+        ready = torch.cuda.Event()
+        ready.record()
+        return sampled_host, ready
 
-    def _draft_token_ids(self, layout: SpecLayout, logits_rows: np.ndarray, logits_seq_lens: np.ndarray) -> np.ndarray:
+    def _draft_token_ids(self, sampling: _LogitsRows) -> np.ndarray:
         """The draft each draft-verifying logits row checks: the token right after that row's
         position."""
-        index = layout.draft_logits_index
-        return self.batch.token_ids[logits_rows[index], logits_seq_lens[index]]
+        index = sampling.layout.draft_logits_index
+        return self.batch.token_ids[sampling.logits_rows[index], sampling.logits_seq_lens[index]]
 
     def _place_drafts(self, spec_token_ids: dict[str, list[int]], request_ids: list[str],
                       rows: np.ndarray) -> np.ndarray:
@@ -304,8 +374,7 @@ class ModelRunner:
 
     def _propose(self, step: PendingStep) -> dict[str, list[int]]:
         """Drafts for the requests that sampled this step and are still in the batch. Rows
-        whose sampling reads their own tokens (penalties, logit bias, min_tokens) never
-        speculate: their distribution would shift with every draft before it."""
+        with logits processors never speculate (see SamplingParams.has_logits_processors)."""
         batch = self.batch
         live = self._live(step)
         rows = step.rows[live]
@@ -351,115 +420,6 @@ class ModelRunner:
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return upload([array], self.device)[0]
 
-    def _sampling_metadata(self, rows: np.ndarray, seq_lens: np.ndarray) -> SamplingMetadata:
-        """seq_lens: each row's tokens up to the one it samples after. Output counts derive
-        from it rather than from the host's tokens, which may lag a step in flight."""
-        b = self.batch
-        num_output = seq_lens - b.num_prompt_tokens[rows]
-        temperature = b.temperature[rows]
-        greedy = temperature < 1e-5
-        top_k = b.top_k[rows]
-        uses_top_k = (top_k > 0) & (top_k < self.vocab_size)
-        top_p = b.top_p[rows]
-        min_p = b.min_p[rows]
-        presence, frequency, repetition = (b.presence_penalty[rows], b.frequency_penalty[rows],
-                                           b.repetition_penalty[rows])
-        penalized = (presence != 0) | (frequency != 0) | (repetition != 1.0)
-        output_counts = prompt_mask = None
-        if penalized.any():
-            # Penalties read the tokens themselves: wait for the ones still in flight.
-            for step in self.pending:
-                self._write_back(step)
-            output_counts, prompt_mask = self._token_counts(rows)
-
-        row_of = {int(r): i for i, r in enumerate(rows)} if b.logit_bias or b.stop_token_ids else {}
-        bias_rows, bias_ids, bias_values = [], [], []
-        for row, bias in b.logit_bias.items():
-            if row in row_of:
-                bias_rows += [row_of[row]] * len(bias)
-                bias_ids += list(bias)
-                bias_values += list(bias.values())
-        ban_rows, ban_ids = [], []
-        for row, stop_ids in b.stop_token_ids.items():
-            if row in row_of and num_output[row_of[row]] < b.min_tokens[row]:
-                ban_rows += [row_of[row]] * len(stop_ids)
-                ban_ids += stop_ids
-
-        # On CUDA the fused kernel samples the rows that need no logits processor; truncation
-        # (top-k, top-p, min-p) never changes a greedy row's argmax.
-        needs_torch = penalized | (~greedy & (uses_top_k | (top_p < 1.0) | (min_p > 0)))
-        needs_torch[bias_rows + ban_rows] = True
-        all_greedy = bool(greedy.all())
-        # An all-greedy batch without logits processors takes the argmax and draws nothing.
-        fused = self.device.type == "cuda" and not needs_torch.all() and not all_greedy
-        # One draw for every row's key; seeded rows' keys are overwritten below.
-        seeds = torch.randint(0, (1 << 63) - 1, (len(rows),), dtype=torch.int64).numpy() if fused else None
-        generators: dict[int, torch.Generator] = {}
-        # A request verifying drafts has a row per position, each seeded by its own position.
-        for i in np.flatnonzero(np.isin(rows, list(b.seeds))) if b.seeds else ():
-            row = int(rows[i])
-            key = _seed_key(b.seeds[row], int(num_output[i]))
-            if fused:
-                seeds[i] = key
-            if not fused or needs_torch[i]:
-                # The sampler draws after all rows are seeded: a request's later rows need
-                # generators of their own.
-                generator = b.generators[row] if i == 0 or rows[i - 1] != row else torch.Generator(self.device)
-                generator.manual_seed(key)
-                generators[i] = generator
-
-        # Every array the step's sampling reads, sent in one copy; those no row uses stay None.
-        arrays = {
-            "temperature": temperature,
-            "top_p": top_p if (top_p < 1.0).any() else None,
-            "top_k": np.where(uses_top_k, top_k, self.vocab_size) if uses_top_k.any() else None,
-            "min_p": min_p if min_p.any() else None,
-            "seeds": seeds if fused else None,
-            "torch_rows": needs_torch if fused and needs_torch.any() else None,
-            "presence_penalty": presence if presence.any() else None,
-            "frequency_penalty": frequency if frequency.any() else None,
-            "repetition_penalty": repetition if (repetition != 1.0).any() else None,
-            "bias_rows": np.array(bias_rows, dtype=np.int64) if bias_rows else None,
-            "bias_token_ids": np.array(bias_ids, dtype=np.int64) if bias_rows else None,
-            "bias_values": np.array(bias_values, dtype=np.float32) if bias_rows else None,
-            "ban_rows": np.array(ban_rows, dtype=np.int64) if ban_rows else None,
-            "ban_token_ids": np.array(ban_ids, dtype=np.int64) if ban_rows else None,
-        }
-        used = [name for name, array in arrays.items() if array is not None]
-        on_device = dict(zip(used, upload([arrays[name] for name in used], self.device)))
-        return SamplingMetadata(
-            all_greedy=all_greedy,
-            generators=generators,
-            output_token_counts=output_counts,
-            prompt_token_mask=prompt_mask,
-            max_num_logprobs=int(b.num_logprobs[rows].max()),
-            **{name: on_device.get(name) for name in arrays},
-        )
-
-    def _token_counts(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: how often each vocab token occurs in the output, and which occur in the prompt."""
-        b = self.batch
-        width = int(b.num_tokens[rows].max())
-        tokens, num_prompt, num_tokens = upload([b.token_ids[rows, :width], b.num_prompt_tokens[rows, None],
-                                                 b.num_tokens[rows, None]], self.device)
-        pos = torch.arange(width, device=self.device).unsqueeze(0)
-        is_output = (pos >= num_prompt) & (pos < num_tokens)
-        counts = torch.zeros(len(rows), self.vocab_size, device=self.device)
-        counts.scatter_add_(1, tokens, is_output.float())
-        prompt_mask = torch.zeros(len(rows), self.vocab_size, device=self.device)
-        prompt_mask.scatter_add_(1, tokens, (pos < num_prompt).float())
-        return counts, prompt_mask > 0
-
-    def _request_keys(self, rows: np.ndarray, seq_lens: np.ndarray) -> torch.Tensor:
-        """A Philox key per request for the rejection sampler: from the seed and the output
-        position of its first draft for seeded requests, drawn afresh for the others."""
-        keys = torch.randint(0, (1 << 63) - 1, (len(rows),), dtype=torch.int64).numpy()
-        num_output = seq_lens - self.batch.num_prompt_tokens[rows]
-        for i in np.flatnonzero(np.isin(rows, list(self.batch.seeds))) if self.batch.seeds else ():
-            # Offset from the sampler's keys of the same positions, so the two draw apart.
-            keys[i] = _seed_key(self.batch.seeds[int(rows[i])] + 1, int(num_output[i]))
-        return self._to_device(keys)
-
     def _sampled_logprobs(self, step: PendingStep, sampled: list[list[int]]) -> dict[str, Logprobs]:
         """Each request's logprobs at each of its new tokens: rows of the sampler's output,
         one per position sampled (several when drafts were verified)."""
@@ -477,24 +437,22 @@ class ModelRunner:
                                               ranks=ranks[start:end])
         return result
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, rows: np.ndarray, num_computed: np.ndarray,
-                         num_scheduled: np.ndarray, cu_num_tokens: np.ndarray,
-                         request_ids: list[str]) -> dict[str, Logprobs]:
+    def _prompt_logprobs(self, hidden: torch.Tensor, scheduled: _ScheduledBatch) -> dict[str, Logprobs]:
         """Logprobs of each prompt token given those before it, for requests that ask."""
-        b = self.batch
+        b, s = self.batch, scheduled
         result = {}
-        for i in np.flatnonzero(b.num_prompt_logprobs[rows] >= 0):
-            row = rows[i]
+        for i in np.flatnonzero(b.num_prompt_logprobs[s.rows] >= 0):
+            row = s.rows[i]
             # Position p predicts token p + 1, which must still be a prompt token.
-            start = num_computed[i]
-            end = min(start + num_scheduled[i], b.num_prompt_tokens[row] - 1)
+            start = s.num_computed[i]
+            end = min(start + s.num_scheduled[i], b.num_prompt_tokens[row] - 1)
             if end <= start:
                 continue
-            first = cu_num_tokens[i] - num_scheduled[i]
+            first = s.cu_num_tokens[i] - s.num_scheduled[i]
             logits = self.model.compute_logits(hidden[first:first + end - start])
             targets = self._to_device(b.token_ids[row, start + 1:end + 1])
             ids, lps, ranks = compute_logprobs_rows(logits.log_softmax(-1), targets,
                                                     int(b.num_prompt_logprobs[row]))
-            result[request_ids[i]] = Logprobs(token_ids=ids.tolist(), logprobs=lps.tolist(),
-                                              ranks=ranks.tolist())
+            result[s.request_ids[i]] = Logprobs(token_ids=ids.tolist(), logprobs=lps.tolist(),
+                                                ranks=ranks.tolist())
         return result

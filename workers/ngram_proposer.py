@@ -53,22 +53,45 @@ class NgramProposer:
         For n from prompt_lookup_max down to prompt_lookup_min, the first n whose suffix
         t[L-n:L] occurs earlier (followed by at least one token) wins; the most recent such
         occurrence gives the draft t[s+n : s+n+min(k, cap)], truncated at L."""
-        num_rows = len(rows)
-        drafts = np.full((num_rows, self.k), _NO_TOKEN, dtype=np.int64)
-        num_draft = np.zeros(num_rows, dtype=np.int64)
-        if num_rows <= _MAX_ROWS_SEARCHED_ONE_BY_ONE:
-            for i, row in enumerate(rows):
-                draft = self._propose_row(token_ids[row, :num_tokens[row]], int(min(max_num_draft[i], self.k)))
-                drafts[i, :len(draft)] = draft
-                num_draft[i] = len(draft)
-            return drafts, num_draft
+        if len(rows) <= _MAX_ROWS_SEARCHED_ONE_BY_ONE:
+            return self._propose_one_by_one(token_ids, num_tokens, rows, max_num_draft)
+        return self._propose_vectorized(token_ids, num_tokens, rows, max_num_draft)
+
+    def _empty_drafts(self, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.full((num_rows, self.k), _NO_TOKEN, dtype=np.int64), np.zeros(num_rows, dtype=np.int64)
+
+    def _propose_one_by_one(self, token_ids: np.ndarray, num_tokens: np.ndarray, rows: np.ndarray,
+                            max_num_draft: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        drafts, num_draft = self._empty_drafts(len(rows))
+        for i, row in enumerate(rows):
+            draft = self._propose_row(token_ids[row, :num_tokens[row]], int(min(max_num_draft[i], self.k)))
+            drafts[i, :len(draft)] = draft
+            num_draft[i] = len(draft)
+        return drafts, num_draft
+
+    def _propose_vectorized(self, token_ids: np.ndarray, num_tokens: np.ndarray, rows: np.ndarray,
+                            max_num_draft: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        drafts, num_draft = self._empty_drafts(len(rows))
         lengths = num_tokens[rows]
-        width = int(lengths.max()) if num_rows else 0
+        width = int(lengths.max())
         if width <= self.min_n:  # a match needs L >= n + 1 tokens
             return drafts, num_draft
         tokens = token_ids[rows, :width]
-        row_idx = np.arange(num_rows)
+        best_end = self._last_match_ends(tokens, lengths)
+        found = best_end >= 0
+        start = best_end + 1
+        num_draft[found] = np.minimum(np.minimum(max_num_draft, self.k), lengths - start)[found]
+        offsets = np.arange(self.k)
+        in_draft = offsets < num_draft[:, None]
+        cols = np.minimum(start[:, None] + offsets, width - 1)
+        drafts[in_draft] = np.take_along_axis(tokens, cols, axis=1)[in_draft]
+        return drafts, num_draft
 
+    def _last_match_ends(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Per row of tokens [n, W] (valid up to `lengths`), the last position e of the most
+        recent earlier occurrence of its longest matching suffix n-gram; -1 where none."""
+        num_rows, width = tokens.shape
+        row_idx = np.arange(num_rows)
         # Occurrences are indexed by their last position e = s + n - 1, so an n-gram match is
         # an (n-1)-gram match whose token n - 1 places back also agrees: all sizes share one
         # search. Only the last token is compared over the whole width; longer n-grams are
@@ -96,15 +119,7 @@ class NgramProposer:
                 is_last = np.append(cand_row[1:] != cand_row[:-1], True)
                 # Larger n overwrites smaller: the longest matching n-gram wins.
                 best_end[cand_row[is_last]] = cand_end[is_last]
-
-        found = best_end >= 0
-        start = best_end + 1
-        num_draft[found] = np.minimum(np.minimum(max_num_draft, self.k), lengths - start)[found]
-        offsets = np.arange(self.k)
-        in_draft = offsets < num_draft[:, None]
-        cols = np.minimum(start[:, None] + offsets, width - 1)
-        drafts[in_draft] = tokens[row_idx[:, None], cols][in_draft]
-        return drafts, num_draft
+        return best_end
 
     def _propose_row(self, tokens: np.ndarray, max_num_draft: int) -> np.ndarray:
         """One row's draft, as `propose` defines it, by substring search over the row's bytes."""

@@ -16,14 +16,12 @@ import torch
 
 from kernels import ops
 
-_GREEDY_EPS = 1e-5
-
 
 @dataclass
 class SamplingMetadata:
     """The step's sampling parameters, one row per sampling request."""
 
-    temperature: torch.Tensor  # [B] float32; 0 means greedy
+    temperature: torch.Tensor  # [B] float32; 0 means greedy (SamplingParams makes tiny ones 0)
     all_greedy: bool
     top_p: torch.Tensor | None  # [B] float32, None when no request uses it
     top_k: torch.Tensor | None  # [B] int64 in [1, vocab], None when no request uses it
@@ -132,7 +130,7 @@ class Sampler:
         """The distribution each row samples from, given its processed float32 logits: after
         temperature, top-k, top-p and min-p. Greedy rows get their
         softmax at temperature 1, whose argmax is theirs."""
-        is_greedy = md.temperature < _GREEDY_EPS
+        is_greedy = md.temperature == 0
         temperature = torch.where(is_greedy, torch.ones_like(md.temperature), md.temperature)
         logits = logits / temperature.unsqueeze(1)
         if md.top_k is not None or md.top_p is not None:
@@ -149,7 +147,7 @@ class Sampler:
         greedy = logits.argmax(dim=-1)
         if md.all_greedy:
             return greedy
-        is_greedy = md.temperature < _GREEDY_EPS
+        is_greedy = md.temperature == 0
         probs = Sampler.compute_probs(logits, md)
         # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p, and lets seeded rows
         # draw their own noise while the rest share one batched draw.

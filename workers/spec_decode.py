@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -21,8 +22,6 @@ import torch
 from kernels import ops
 from workers.sampler import Sampler, SamplingMetadata
 from workers.step_inputs import StepInputs
-
-_GREEDY_EPS = 1e-5  # as workers.sampler
 
 
 class DraftProposer(Protocol):
@@ -82,7 +81,7 @@ def accept_greedy(sampled: np.ndarray, draft_token_ids: np.ndarray, layout: Spec
 
 def verify_drafts(logits: torch.Tensor, metadata: SamplingMetadata, sampled: torch.Tensor,
                   layout: SpecLayout, draft_token_ids: torch.Tensor, keys: torch.Tensor,
-                  to_device) -> torch.Tensor:
+                  to_device: Callable[[np.ndarray], torch.Tensor]) -> torch.Tensor:
     """Each request's new tokens, [B, K + 1] padded with -1, by the rejection sampler (greedy
     and sampled requests alike).
 
@@ -93,11 +92,12 @@ def verify_drafts(logits: torch.Tensor, metadata: SamplingMetadata, sampled: tor
     bonus_rows = to_device(layout.cu_num_logits + layout.num_draft)  # each request's row after its drafts
     cu_num_draft = np.concatenate(([0], np.cumsum(layout.num_draft))).astype(np.int32)
     return ops.rejection_sample(draft_token_ids, to_device(cu_num_draft), target_probs, None,
-                                sampled[bonus_rows], metadata.temperature[bonus_rows] < _GREEDY_EPS,
+                                sampled[bonus_rows], metadata.temperature[bonus_rows] == 0,
                                 keys, layout.max_num_draft)
 
 
-def emitted_per_row(tokens: torch.Tensor, layout: SpecLayout, to_device) -> torch.Tensor:
+def emitted_per_row(tokens: torch.Tensor, layout: SpecLayout,
+                    to_device: Callable[[np.ndarray], torch.Tensor]) -> torch.Tensor:
     """The token each logits row ended up emitting (0 where it emitted none), for logprobs."""
     request_of_row = np.repeat(np.arange(len(layout.num_draft)), layout.num_logits)
     return tokens[to_device(request_of_row), to_device(layout.index_in_request)].clamp(min=0)

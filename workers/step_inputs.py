@@ -16,6 +16,13 @@ from workers.attention import AttentionMetadata
 from workers.upload import upload
 
 
+def block_table_width(num_blocks: int, max_width: int) -> int:
+    """The block-table columns a step passes for requests of up to `num_blocks` blocks, rounded
+    up to a multiple of 16: Triton specializes integer arguments, the block table's row stride
+    among them, on divisibility by 16, so every step keeps to the kernels compiled at warm-up."""
+    return min(-(-num_blocks // 16) * 16, max_width)
+
+
 @dataclass
 class StepInputs:
     # [T] int64, or a device tensor when the tokens are there already (a draft model's own
