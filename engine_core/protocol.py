@@ -221,8 +221,20 @@ def now() -> float:
     return time.time()
 
 
-# Engine core -> workers. The executor hands these to the model runner in-process, or sends
-# them to worker processes; either way they are plain structs.
+# Engine core <-> workers. The executor hands these to the worker in-process, or sends them
+# to worker processes; either way they are plain structs.
+
+
+class ModelInfo(msgspec.Struct, **_STRUCT):
+    """What the engine core needs to know about a worker's loaded model and KV cache."""
+
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    num_kv_blocks: int
+    device: str
+    dtype: str
 
 
 class NewRequestData(msgspec.Struct, **_STRUCT):

@@ -31,7 +31,6 @@ from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.protocol import (
     CachedRequestData,
     EngineCoreOutput,
-    EngineCoreOutputs,
     FinishReason,
     Logprobs,
     ModelRunnerOutput,
@@ -367,11 +366,6 @@ class Scheduler:
         self.num_preemptions = 0
         self.spec_stats.drain_into(stats)
         return stats
-
-    def make_outputs(self, outputs: list[EngineCoreOutput], num_batched_tokens: int) -> EngineCoreOutputs:
-        stats = self.make_stats()
-        stats.num_batched_tokens = num_batched_tokens
-        return EngineCoreOutputs(outputs=outputs, scheduler_stats=stats, timestamp=now())
 
 
 def _merge_logprobs(chunks: list[Logprobs]) -> Logprobs:
