@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from workers.model_source import ModelLoadError
+from workers.model_errors import ModelLoadError
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # transformers picks the model_type (e.g. "mistral" for a llama-architecture Mistral file).

