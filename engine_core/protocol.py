@@ -125,8 +125,7 @@ class EngineCoreRequest(msgspec.Struct, **_STRUCT):
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    arrival_time: float = 0.0
-    priority: int = 0  # lower is served first, as in vLLM
+    arrival_time: float = 0.0  # wall clock; the frontend times the request's latencies from it
 
 
 class Logprobs(msgspec.Struct, **_STRUCT):
