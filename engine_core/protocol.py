@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 import msgspec
 
+from metrics.stats import SchedulerStats
+
 _STRUCT = dict(array_like=True, omit_defaults=True, gc=False)
 
 
@@ -158,21 +160,6 @@ class EngineCoreOutput(msgspec.Struct, **_STRUCT):
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-
-class SchedulerStats(msgspec.Struct, **_STRUCT):
-    num_running_reqs: int = 0
-    num_waiting_reqs: int = 0
-    kv_cache_usage: float = 0.0
-    num_free_blocks: int = 0
-    prefix_cache_queries: int = 0  # tokens looked up since the last stats
-    prefix_cache_hits: int = 0  # tokens found since the last stats
-    num_preemptions: int = 0
-    num_batched_tokens: int = 0
-    spec_num_drafts: int = 0
-    spec_num_draft_tokens: int = 0
-    spec_num_accepted_tokens: int = 0
-    spec_num_accepted_tokens_per_pos: list[int] = []  # index i: accepted at draft position i
 
 
 class EngineCoreOutputs(msgspec.Struct, **_STRUCT):

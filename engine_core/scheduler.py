@@ -36,10 +36,10 @@ from engine_core.protocol import (
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
-    SchedulerStats,
     now,
 )
 from engine_core.request import Request, RequestStatus
+from metrics.stats import SchedulerStats
 
 
 class Scheduler:
