@@ -13,6 +13,7 @@ from engine_core.protocol import check_arg
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+BLOCK_SIZES = (8, 16, 32, 64, 128)
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in float32
 
 
@@ -95,7 +96,8 @@ class EngineConfig(msgspec.Struct, omit_defaults=True):
     def __post_init__(self) -> None:
         check_arg(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
         check_arg(self.device in DEVICES, "device", self.device, f"one of {DEVICES}")
-        check_arg(self.block_size in (8, 16, 32, 64, 128), "block_size", self.block_size, "8, 16, 32, 64 or 128")
+        check_arg(self.block_size in BLOCK_SIZES, "block_size", self.block_size,
+                  f"{', '.join(map(str, BLOCK_SIZES[:-1]))} or {BLOCK_SIZES[-1]}")
         check_arg(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
         check_arg(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
         if self.max_model_len is not None:
@@ -103,7 +105,7 @@ class EngineConfig(msgspec.Struct, omit_defaults=True):
         if self.kv_cache_memory is not None:
             check_arg(self.kv_cache_memory > 0, "kv_cache_memory", self.kv_cache_memory, "> 0 bytes")
         check_arg(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
-               self.gpu_memory_utilization, "(0, 1]")
+                  self.gpu_memory_utilization, "(0, 1]")
         check_arg(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
         if self.speculative_config is not None:
             check_arg(not self.async_scheduling, "async_scheduling", self.async_scheduling,

@@ -94,7 +94,7 @@ class EngineCoreProc:
             self.engine.abort_requests(payload)
             if not self.engine.has_unfinished_requests():
                 # No step follows to report it: tell the frontend the batch and KV cache emptied.
-                self.output_queue.put_nowait(self.engine.scheduler.make_outputs([], 0))
+                self.output_queue.put_nowait(self.engine.make_outputs([]))
         else:
             self.output_queue.put_nowait(EngineCoreOutputs(utility_output=self._call_utility(payload)))
 

@@ -3,8 +3,10 @@ process's busy loop, or the offline `LLM`)."""
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from engine_core.config import EngineConfig
 from engine_core.executor import Executor
@@ -15,7 +17,9 @@ from engine_core.protocol import (
     EngineCoreRequest,
     EngineReady,
     FinishReason,
+    ModelInfo,
     SchedulerOutput,
+    now,
 )
 from engine_core.request import Request
 from engine_core.scheduler import Scheduler
@@ -29,52 +33,84 @@ logger = logging.getLogger(__name__)
 MAX_FAILED_STEPS_IN_A_ROW = 8
 
 
+class StepMode(enum.Enum):
+    """How a step orders launching work on the device and collecting it."""
+
+    # Launch a step and collect it at once. On the CPU the forward runs inside the launch,
+    # so any other order would only delay the outputs.
+    SYNC = enum.auto()
+    # Launch step N+1, then collect step N: the host schedules the next step and processes
+    # this one's outputs while the device computes.
+    ASYNC = enum.auto()
+    # Collect step N, launch step N+1, then return N's outputs: the device computes while the
+    # caller handles them. For a GPU without async scheduling (speculative decoding: the next
+    # step's drafts need this step's tokens).
+    COLLECT_FIRST = enum.auto()
+
+
+def choose_step_mode(config: EngineConfig, device: str) -> StepMode:
+    on_gpu = device.startswith("cuda")
+    async_scheduling = config.async_scheduling
+    if async_scheduling is None:
+        async_scheduling = on_gpu and config.speculative_config is None
+    if async_scheduling:
+        return StepMode.ASYNC
+    return StepMode.COLLECT_FIRST if on_gpu else StepMode.SYNC
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.executor = Executor(config)
+        self.executor = Executor.create(config)
         info = self.executor.model_info()
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
         self.eos_token_ids = frozenset(info.eos_token_ids)
-        kv_capacity = info.num_kv_blocks * config.block_size
-        if kv_capacity < self.max_model_len:
-            raise ValueError(
-                f"max_model_len ({self.max_model_len}) must be <= the KV cache capacity of "
-                f"{kv_capacity} tokens: lower max_model_len or give the KV cache more memory")
+        self.ready = self._make_ready(info)
         self.kv_cache_manager = KVCacheManager(info.num_kv_blocks, config.block_size,
                                                config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_batched_tokens,
                                    config.max_num_seqs, self.max_model_len, config.speculative_config)
-        self.ready = EngineReady(
+        # Requests refused at admission; reported with the next step's outputs.
+        self.rejected: list[EngineCoreOutput] = []
+        # Steps launched on the device and not yet collected, oldest first.
+        self.in_flight: deque[SchedulerOutput] = deque()
+        self.num_failed_steps = 0  # in a row
+        self.set_step_mode(choose_step_mode(config, info.device))
+        logger.info("model %s on %s (%s): KV cache of %d tokens, max concurrency %.2fx at "
+                    "max_model_len %d", info.model_path, info.device, info.dtype,
+                    self.ready.kv_capacity_tokens, self.ready.max_concurrency, self.max_model_len)
+
+    def _make_ready(self, info: ModelInfo) -> EngineReady:
+        """The handshake, once the KV cache is known to hold a whole max_model_len request."""
+        block_size = self.config.block_size
+        kv_capacity = info.num_kv_blocks * block_size
+        if kv_capacity < info.max_model_len:
+            raise ValueError(
+                f"max_model_len ({info.max_model_len}) must be <= the KV cache capacity of "
+                f"{kv_capacity} tokens: lower max_model_len or give the KV cache more memory")
+        return EngineReady(
             model_path=info.model_path,
-            max_model_len=self.max_model_len,
-            vocab_size=self.vocab_size,
+            max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size,
             num_kv_blocks=info.num_kv_blocks,
-            block_size=config.block_size,
+            block_size=block_size,
             kv_capacity_tokens=kv_capacity,
-            max_concurrency=kv_capacity / self.max_model_len,
+            max_concurrency=kv_capacity / info.max_model_len,
             device=info.device,
             dtype=info.dtype,
             eos_token_ids=info.eos_token_ids,
         )
-        # Requests refused at admission; reported with the next step's outputs.
-        self.rejected: list[EngineCoreOutput] = []
-        async_scheduling = config.async_scheduling
-        if async_scheduling is None:
-            async_scheduling = info.device.startswith("cuda") and config.speculative_config is None
-        # Steps launched on the device and not yet collected, oldest first.
-        self.in_flight: deque[SchedulerOutput] = deque()
-        self.num_failed_steps = 0  # in a row
-        self.max_in_flight = 2 if async_scheduling else 1
-        # Without async scheduling on a GPU (speculative decoding: the next step's drafts need
-        # this step's tokens), a step is collected first and the next launched before its
-        # outputs are returned, so the device computes while the caller handles them. On the
-        # CPU the forward runs inside the launch, so that would only delay the outputs.
-        self.collect_first = not async_scheduling and info.device.startswith("cuda")
-        logger.info("model %s on %s (%s): KV cache of %d tokens, max concurrency %.2fx at "
-                    "max_model_len %d", info.model_path, info.device, info.dtype, kv_capacity,
-                    self.ready.max_concurrency, self.max_model_len)
+
+    def set_step_mode(self, mode: StepMode) -> None:
+        """Chosen once at start-up (tests force a GPU's mode on the CPU)."""
+        self.step_mode = mode
+        run_step: dict[StepMode, Callable[[list[EngineCoreOutput]], int]] = {
+            StepMode.SYNC: self._step_sync,
+            StepMode.ASYNC: self._step_async,
+            StepMode.COLLECT_FIRST: self._step_collect_first,
+        }
+        self._run_step = run_step[mode]
 
     def validate_request(self, request: EngineCoreRequest) -> None:
         """Raise ValueError naming what is wrong with a request, before any work is done."""
@@ -109,24 +145,40 @@ class EngineCore:
         return bool(self.rejected or self.in_flight) or self.scheduler.has_unfinished_requests()
 
     def step(self) -> EngineCoreOutputs:
-        """Schedule and launch a step, then collect the oldest one in flight: with two in
-        flight, the host schedules step N+1 and processes step N's outputs while the device
-        computes. (With `collect_first`, the other way round.) A step the workers fail to
-        run ends only the request to blame (`_recover`)."""
+        """Run the pipeline one step in the engine's StepMode and return the outputs collected.
+        A step the workers fail to run ends only the request to blame (`_recover`)."""
         outputs, self.rejected = self.rejected, []
-        if self.collect_first:
-            num_tokens = self._collect(outputs) if self.in_flight else 0
-            self._launch(outputs)
-            return self.scheduler.make_outputs(outputs, num_tokens)
+        num_tokens = self._run_step(outputs)
+        return self.make_outputs(outputs, num_tokens)
+
+    def make_outputs(self, outputs: list[EngineCoreOutput], num_batched_tokens: int = 0) -> EngineCoreOutputs:
+        """Outputs with the scheduler's stats since the last ones: every message carries them,
+        even one without tokens."""
+        stats = self.scheduler.make_stats()
+        stats.num_batched_tokens = num_batched_tokens
+        return EngineCoreOutputs(outputs=outputs, scheduler_stats=stats, timestamp=now())
+
+    # Each step function adds the outputs it collects to `outputs` and returns the number of
+    # tokens of the step collected (0: none).
+
+    def _step_sync(self, outputs: list[EngineCoreOutput]) -> int:
+        self._launch(outputs)
+        return self._collect(outputs) if self.in_flight else 0
+
+    def _step_async(self, outputs: list[EngineCoreOutput]) -> int:
         launched = self._launch(outputs)
-        if not self.in_flight or (launched and len(self.in_flight) < self.max_in_flight):
-            return self.scheduler.make_outputs(outputs, 0)
-        num_tokens = self._collect(outputs)
-        return self.scheduler.make_outputs(outputs, num_tokens)
+        if not self.in_flight or (launched and len(self.in_flight) == 1):
+            return 0  # nothing to collect, or the pipeline's first step: collected next time
+        return self._collect(outputs)
+
+    def _step_collect_first(self, outputs: list[EngineCoreOutput]) -> int:
+        num_tokens = self._collect(outputs) if self.in_flight else 0
+        self._launch(outputs)
+        return num_tokens
 
     def _launch(self, outputs: list[EngineCoreOutput]) -> bool:
-        """Schedule and launch a step, if there is work and room in flight."""
-        if not self.scheduler.has_unfinished_requests() or len(self.in_flight) >= self.max_in_flight:
+        """Schedule and launch a step, if there is work."""
+        if not self.scheduler.has_unfinished_requests():
             return False
         scheduler_output = self.scheduler.schedule()
         try:

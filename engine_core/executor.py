@@ -1,31 +1,80 @@
-"""Executor: runs the step on the workers.
+"""Executor: runs each step on the workers.
 
-With one device the worker lives in the engine-core process and a step is a function call;
-tensor parallelism (one worker process per GPU rank) plugs in behind the same interface.
+The engine core speaks to its workers only through this interface and the wire structs of
+`engine_core.protocol`, and imports nothing from `workers`: the worker class is loaded by
+module path (`WORKER_CLASS`), as worker processes for tensor parallelism will be started.
 """
 
 from __future__ import annotations
 
+import importlib
+from abc import ABC, abstractmethod
+from typing import Protocol
+
 from engine_core.config import EngineConfig
-from engine_core.protocol import ModelRunnerOutput, SchedulerOutput
-from workers.worker import ModelInfo, Worker
+from engine_core.protocol import ModelInfo, ModelRunnerOutput, SchedulerOutput
+
+# The one named place where the engine core reaches `workers` (DESIGN.md): a dotted path,
+# so that `workers` may import `engine_core` and never the other way round.
+WORKER_CLASS = "workers.worker.Worker"
 
 
-class Executor:
-    def __init__(self, config: EngineConfig) -> None:
+class WorkerLike(Protocol):
+    """What the executor asks of one device's worker."""
+
+    def model_info(self) -> ModelInfo: ...
+
+    def launch(self, scheduler_output: SchedulerOutput) -> None: ...
+
+    def collect(self) -> ModelRunnerOutput: ...
+
+    def reset(self) -> None: ...
+
+
+def load_class(path: str) -> type:
+    """The class named by a dotted path ("package.module.Class")."""
+    module_name, _, class_name = path.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+class Executor(ABC):
+    """Launches steps on the workers and collects their outputs, oldest first."""
+
+    @staticmethod
+    def create(config: EngineConfig) -> Executor:
         if config.tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size must be 1 in this version, got {config.tensor_parallel_size}")
-        self.worker = Worker(config)
+        return InProcessExecutor(config)
+
+    @abstractmethod
+    def model_info(self) -> ModelInfo: ...
+
+    @abstractmethod
+    def launch(self, scheduler_output: SchedulerOutput) -> None: ...
+
+    @abstractmethod
+    def collect(self) -> ModelRunnerOutput: ...
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Drop every request and step in flight on the workers, after a step failed."""
+
+
+class InProcessExecutor(Executor):
+    """One device: its worker lives in the engine-core process and a step is a function call,
+    saving a process hop per step."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.worker: WorkerLike = load_class(WORKER_CLASS)(config)
 
     def model_info(self) -> ModelInfo:
         return self.worker.model_info()
 
     def launch(self, scheduler_output: SchedulerOutput) -> None:
-        self.worker.model_runner.launch(scheduler_output)
+        self.worker.launch(scheduler_output)
 
     def collect(self) -> ModelRunnerOutput:
-        return self.worker.model_runner.collect()
+        return self.worker.collect()
 
     def reset(self) -> None:
-        """Drop every request and step in flight on the workers, after a step failed."""
-        self.worker.model_runner.reset()
+        self.worker.reset()

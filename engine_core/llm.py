@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from engine_core.config import EngineConfig, SpeculativeConfig
 from engine_core.engine import EngineCore
-from engine_core.protocol import EngineCoreRequest, Logprobs, SamplingParams, now
+from engine_core.protocol import EngineCoreOutput, EngineCoreRequest, Logprobs, SamplingParams
 
 Prompt = str | list[int]
 ChatMessages = list[dict[str, str]]
@@ -90,18 +90,7 @@ class LLM:
     def _run(self, token_id_lists: list[list[int]],
              sampling_params: SamplingParams | list[SamplingParams] | None,
              use_tqdm: bool) -> list[RequestOutput]:
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(token_id_lists)
-        if len(sampling_params) != len(token_id_lists):
-            raise ValueError(f"sampling_params must be one or one per prompt ({len(token_id_lists)}), "
-                             f"got {len(sampling_params)}")
-        requests = [
-            EngineCoreRequest(request_id=str(next(self._request_counter)), prompt_token_ids=ids,
-                              sampling_params=params, arrival_time=now())
-            for ids, params in zip(token_id_lists, sampling_params)
-        ]
+        requests = self._make_requests(token_id_lists, sampling_params)
         # Every request is checked before any is queued: bad input fails before any work.
         for request in requests:
             self.engine.validate_request(request)
@@ -112,22 +101,42 @@ class LLM:
         progress = tqdm(total=len(requests), desc="generate", disable=not use_tqdm)
         while self.engine.has_unfinished_requests():
             for out in self.engine.step().outputs:
-                result = results[out.request_id]
-                result.token_ids.extend(out.new_token_ids)
-                result.num_cached_tokens = out.num_cached_tokens
-                if out.new_logprobs is not None:
-                    if result.logprobs is None:
-                        result.logprobs = []
-                    result.logprobs.extend(_logprob_dicts(out.new_logprobs))
-                if out.prompt_logprobs is not None:
-                    result.prompt_logprobs = _logprob_dicts(out.prompt_logprobs)
+                _add_output(results[out.request_id], out)
                 if out.finished:
-                    result.finish_reason = str(out.finish_reason)
-                    result.stop_reason = out.stop_reason
-                    result.error = out.error
                     progress.update(1)
         progress.close()
         if self.tokenizer is not None:
             for result in results.values():
                 result.text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
         return list(results.values())
+
+    def _make_requests(self, token_id_lists: list[list[int]],
+                       sampling_params: SamplingParams | list[SamplingParams] | None) -> list[EngineCoreRequest]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(token_id_lists)
+        if len(sampling_params) != len(token_id_lists):
+            raise ValueError(f"sampling_params must be one or one per prompt ({len(token_id_lists)}), "
+                             f"got {len(sampling_params)}")
+        return [
+            EngineCoreRequest(request_id=str(next(self._request_counter)), prompt_token_ids=ids,
+                              sampling_params=params)
+            for ids, params in zip(token_id_lists, sampling_params)
+        ]
+
+
+def _add_output(result: RequestOutput, out: EngineCoreOutput) -> None:
+    """Fold one step's delta for a request into its result."""
+    result.token_ids.extend(out.new_token_ids)
+    result.num_cached_tokens = out.num_cached_tokens
+    if out.new_logprobs is not None:
+        if result.logprobs is None:
+            result.logprobs = []
+        result.logprobs.extend(_logprob_dicts(out.new_logprobs))
+    if out.prompt_logprobs is not None:
+        result.prompt_logprobs = _logprob_dicts(out.prompt_logprobs)
+    if out.finished:
+        result.finish_reason = str(out.finish_reason)
+        result.stop_reason = out.stop_reason
+        result.error = out.error

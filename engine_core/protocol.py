@@ -17,6 +17,8 @@ from typing import Annotated, Any
 
 import msgspec
 
+from metrics.stats import SchedulerStats
+
 _STRUCT = dict(array_like=True, omit_defaults=True, gc=False)
 
 
@@ -158,8 +160,7 @@ class EngineCoreRequest(msgspec.Struct, **_STRUCT):
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    arrival_time: float = 0.0
-    priority: int = 0  # lower is served first, as in vLLM
+    arrival_time: float = 0.0  # wall clock; the frontend times the request's latencies from it
 
 
 class Logprobs(msgspec.Struct, **_STRUCT):
@@ -192,21 +193,6 @@ class EngineCoreOutput(msgspec.Struct, **_STRUCT):
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-
-class SchedulerStats(msgspec.Struct, **_STRUCT):
-    num_running_reqs: int = 0
-    num_waiting_reqs: int = 0
-    kv_cache_usage: float = 0.0
-    num_free_blocks: int = 0
-    prefix_cache_queries: int = 0  # tokens looked up since the last stats
-    prefix_cache_hits: int = 0  # tokens found since the last stats
-    num_preemptions: int = 0
-    num_batched_tokens: int = 0
-    spec_num_drafts: int = 0
-    spec_num_draft_tokens: int = 0
-    spec_num_accepted_tokens: int = 0
-    spec_num_accepted_tokens_per_pos: list[int] = []  # index i: accepted at draft position i
 
 
 class EngineCoreOutputs(msgspec.Struct, **_STRUCT):
@@ -254,8 +240,20 @@ def now() -> float:
     return time.time()
 
 
-# Engine core -> workers. The executor hands these to the model runner in-process, or sends
-# them to worker processes; either way they are plain structs.
+# Engine core <-> workers. The executor hands these to the worker in-process, or sends them
+# to worker processes; either way they are plain structs.
+
+
+class ModelInfo(msgspec.Struct, **_STRUCT):
+    """What the engine core needs to know about a worker's loaded model and KV cache."""
+
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    num_kv_blocks: int
+    device: str
+    dtype: str
 
 
 class NewRequestData(msgspec.Struct, **_STRUCT):

@@ -27,8 +27,6 @@ class Request:
         self.request_id: str = request.request_id
         self.prompt_token_ids: list[int] = request.prompt_token_ids
         self.sampling_params: SamplingParams = request.sampling_params
-        self.arrival_time: float = request.arrival_time
-        self.priority: int = request.priority
         self.num_prompt_tokens: int = len(request.prompt_token_ids)
         self.all_token_ids: list[int] = list(request.prompt_token_ids)
         self.num_computed_tokens: int = 0

@@ -26,21 +26,20 @@ from __future__ import annotations
 
 from collections import deque
 
+from engine_core.block_pool import KVCacheBlock
 from engine_core.config import SpeculativeConfig
 from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.protocol import (
-    CachedRequestData,
     EngineCoreOutput,
-    EngineCoreOutputs,
     FinishReason,
     Logprobs,
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
-    SchedulerStats,
     now,
 )
 from engine_core.request import Request, RequestStatus
+from metrics.stats import SchedulerStats
 
 
 class Scheduler:
@@ -139,19 +138,30 @@ class Scheduler:
             self.waiting.extend(waiting)
 
     def _schedule(self) -> SchedulerOutput:
-        budget = self.max_num_batched_tokens
-        num_scheduled: dict[str, int] = {}
-        scheduled_spec: dict[str, list[int]] = {}
-        cached = CachedRequestData()
-        new_requests: list[NewRequestData] = []
-        kv = self.kv_cache_manager
-        preempted = False
+        """Running requests first, then waiting ones, all drawing on one token budget. The
+        output is filled as requests are scheduled; the budget is what it does not hold yet."""
         speculate = self._speculate()
-        lookahead = self.num_lookahead_tokens
-        scheduled: list[tuple[Request, int]] = []
+        # Requests preempted below join those finished since the last step.
+        output = SchedulerOutput(num_scheduled_tokens={}, total_num_scheduled_tokens=0,
+                                 finished_request_ids=self.finished_request_ids,
+                                 propose_drafts=speculate)
+        num_preemptions = self.num_preemptions
+        self._schedule_running(output, speculate)
+        # Waiting requests only join a step that preempted nobody: otherwise the pool is
+        # already too small for those running.
+        if self.num_preemptions == num_preemptions:
+            self._schedule_waiting(output)
+        self.finished_request_ids = []
+        self._advance(output)
+        return output
 
+    def _token_budget(self, output: SchedulerOutput) -> int:
+        return self.max_num_batched_tokens - output.total_num_scheduled_tokens
+
+    def _schedule_running(self, output: SchedulerOutput, speculate: bool) -> None:
+        """Give each running request, oldest first, the tokens it lacks (its drafts included)."""
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and (budget := self._token_budget(output)) > 0:
             request = self.running[i]
             if not speculate and request.spec_token_ids:
                 request.spec_token_ids = []
@@ -160,49 +170,53 @@ class Scheduler:
             if num_new <= 0 or self._reached_length(request):
                 i += 1  # its last token is in flight; it finishes when that arrives
                 continue
-            num_lookahead = self._num_lookahead(request.num_computed_tokens, num_new) if lookahead else 0
-            while (new_blocks := kv.allocate_slots(request, num_new, None, num_lookahead)) is None:
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted = True
-                if victim is request:
-                    break
-            else:
-                num_scheduled[request.request_id] = num_new
-                scheduled.append((request, num_new))
-                budget -= num_new
-                if request.spec_token_ids:
-                    # The budget may cut the drafts short; those left out are dropped.
-                    del request.spec_token_ids[max(num_new - num_known, 0):]
-                    if request.spec_token_ids:
-                        scheduled_spec[request.request_id] = request.spec_token_ids
-                cached.request_ids.append(request.request_id)
-                cached.new_block_ids.append([b.block_id for b in new_blocks] if new_blocks else [])
-                cached.num_computed_tokens.append(request.num_computed_tokens)
-                i += 1
+            new_blocks = self._allocate_or_preempt(request, num_new)
+            if new_blocks is None:
+                return  # it preempted itself, the last one running
+            self._add_running(output, request, num_new, num_known, new_blocks)
+            i += 1
 
-        # Waiting requests only join a step that preempted nobody: otherwise the pool is
-        # already too small for those running.
-        while (self.waiting and budget > 0 and not preempted
+    def _allocate_or_preempt(self, request: Request, num_new: int) -> list[KVCacheBlock] | None:
+        """KV slots for `num_new` more tokens of a running request, preempting the newest
+        running requests until they fit. None: the request was the newest, preempted too."""
+        num_lookahead = self._num_lookahead(request.num_computed_tokens, num_new)
+        while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new, None, num_lookahead)) is None:
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is request:
+                return None
+        return new_blocks
+
+    def _add_running(self, output: SchedulerOutput, request: Request, num_new: int, num_known: int,
+                     new_blocks: list[KVCacheBlock]) -> None:
+        self._add(output, request, num_new)
+        if request.spec_token_ids:
+            # The budget may cut the drafts short; those left out are dropped.
+            del request.spec_token_ids[max(num_new - num_known, 0):]
+            if request.spec_token_ids:
+                output.scheduled_spec_token_ids[request.request_id] = request.spec_token_ids
+        cached = output.cached_requests
+        cached.request_ids.append(request.request_id)
+        cached.new_block_ids.append([b.block_id for b in new_blocks])
+        cached.num_computed_tokens.append(request.num_computed_tokens)
+
+    def _schedule_waiting(self, output: SchedulerOutput) -> None:
+        """Admit waiting requests in order, each from its longest cached prefix, while the
+        token budget, max_num_seqs and the KV pool allow."""
+        kv = self.kv_cache_manager
+        while (self.waiting and (budget := self._token_budget(output)) > 0
                and len(self.running) < self.max_num_seqs):
             request = self.waiting[0]
             if request.num_output_placeholders:
-                break  # preempted with a token in flight: it resumes once the token is known
+                return  # preempted with a token in flight: it resumes once the token is known
             hits, num_hit_tokens = kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             if kv.allocate_slots(request, num_new, hits, self._num_lookahead(num_hit_tokens, num_new)) is None:
-                break
+                return
             self.waiting.popleft()
-            request.num_computed_tokens = num_hit_tokens
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_hit_tokens
-                request.scheduled_time = now()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            num_scheduled[request.request_id] = num_new
-            scheduled.append((request, num_new))
-            budget -= num_new
-            new_requests.append(NewRequestData(
+            self._start_running(request, num_hit_tokens)
+            self._add(output, request, num_new)
+            output.new_requests.append(NewRequestData(
                 request_id=request.request_id,
                 token_ids=request.all_token_ids,
                 num_prompt_tokens=request.num_prompt_tokens,
@@ -211,24 +225,28 @@ class Scheduler:
                 num_computed_tokens=num_hit_tokens,
             ))
 
-        output = SchedulerOutput(
-            num_scheduled_tokens=num_scheduled,
-            total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
-            new_requests=new_requests,
-            cached_requests=cached,
-            finished_request_ids=self.finished_request_ids,
-            scheduled_spec_token_ids=scheduled_spec,
-            propose_drafts=speculate,
-        )
-        self.finished_request_ids = []
-        # The tokens are as good as computed: the next step schedules from there. A request
-        # that catches up (drafts included) samples this step.
-        for request, n in scheduled:
-            request.num_computed_tokens += n
+    def _start_running(self, request: Request, num_hit_tokens: int) -> None:
+        request.num_computed_tokens = num_hit_tokens
+        if request.num_cached_tokens < 0:  # first scheduling, not a resume after preemption
+            request.num_cached_tokens = num_hit_tokens
+            request.scheduled_time = now()
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    @staticmethod
+    def _add(output: SchedulerOutput, request: Request, num_tokens: int) -> None:
+        output.num_scheduled_tokens[request.request_id] = num_tokens
+        output.total_num_scheduled_tokens += num_tokens
+
+    def _advance(self, output: SchedulerOutput) -> None:
+        """The tokens are as good as computed: the next step schedules from there. A request
+        that catches up (drafts included) samples this step."""
+        for request_id, num_tokens in output.num_scheduled_tokens.items():
+            request = self.requests[request_id]
+            request.num_computed_tokens += num_tokens
             if request.num_computed_tokens == (request.num_tokens + request.num_output_placeholders
                                                + len(request.spec_token_ids)):
                 request.num_output_placeholders += 1
-        return output
 
     def _reached_length(self, request: Request) -> bool:
         """Whether the tokens in flight already take the request to max_tokens or max_model_len."""
@@ -254,49 +272,67 @@ class Scheduler:
                            runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Append sampled tokens, finish requests that hit a stop condition, and return each
         request's delta."""
-        outputs: list[EngineCoreOutput] = []
         if self.suspects:
             # A suspect that sampled has run a whole step alone: it is cleared.
             self.suspects.difference_update(runner_output.request_ids)
-        scheduled_spec = scheduler_output.scheduled_spec_token_ids
-        draft_token_ids = runner_output.draft_token_ids
-        for request_id, prompt_logprobs in runner_output.prompt_logprobs.items():
-            request = self.requests.get(request_id)
-            # A request preempted after its first output recomputes them: they were sent then.
-            if request is not None and not request.num_output_tokens:
-                request.prompt_logprobs.append(prompt_logprobs)
+        self._gather_prompt_logprobs(runner_output.prompt_logprobs)
+        outputs: list[EngineCoreOutput] = []
         for request_id, token_ids in zip(runner_output.request_ids, runner_output.sampled_token_ids):
             request = self.requests.get(request_id)
             if request is None:
                 continue  # finished or aborted while the step ran
-            request.num_output_placeholders -= 1
-            num_drafts = len(scheduled_spec.get(request_id, ())) if scheduled_spec else 0
-            if num_drafts:
-                num_accepted = len(token_ids) - 1
-                request.num_computed_tokens -= num_drafts - num_accepted
-                request.spec_token_ids = []
-                self.spec_stats.observe(num_drafts, num_accepted)
-            new_token_ids = self._append_and_check_stop(request, token_ids)
-            if draft_token_ids and not request.is_finished and request_id in draft_token_ids:
-                request.spec_token_ids = self._trim_drafts(request, draft_token_ids[request_id])
-            outputs.append(EngineCoreOutput(
-                request_id=request_id,
-                new_token_ids=new_token_ids,
-                new_logprobs=runner_output.logprobs.get(request_id),
-                prompt_logprobs=_merge_logprobs(request.prompt_logprobs) if request.prompt_logprobs else None,
-                finish_reason=request.finish_reason,
-                stop_reason=request.stop_reason,
-                num_cached_tokens=request.num_cached_tokens,
-                scheduled_time=request.scheduled_time if request.num_output_tokens == len(new_token_ids) else 0.0,
-            ))
-            request.prompt_logprobs = []
+            num_drafts = len(scheduler_output.scheduled_spec_token_ids.get(request_id, ()))
+            new_token_ids = self._accept_tokens(request, token_ids, num_drafts,
+                                                runner_output.draft_token_ids.get(request_id))
+            outputs.append(self._make_output(request, new_token_ids, runner_output.logprobs.get(request_id)))
+            request.prompt_logprobs = []  # sent
             if request.is_finished:
-                if request in self.running:
-                    self.running.remove(request)
-                else:  # preempted while its last token was in flight
-                    self.waiting.remove(request)
-                self._free(request)
+                self._remove_finished(request)
         return outputs
+
+    def _gather_prompt_logprobs(self, prompt_logprobs: dict[str, Logprobs]) -> None:
+        """Keep each request's chunks of prompt logprobs until its first output sends them."""
+        for request_id, chunk in prompt_logprobs.items():
+            request = self.requests.get(request_id)
+            # A request preempted after its first output recomputes them: they were sent then.
+            if request is not None and not request.num_output_tokens:
+                request.prompt_logprobs.append(chunk)
+
+    def _accept_tokens(self, request: Request, token_ids: list[int], num_drafts: int,
+                       draft_token_ids: list[int] | None) -> list[int]:
+        """Take a step's sampled tokens (its accepted drafts and one more) and the drafts
+        proposed for the next step; return the tokens kept before a stop condition."""
+        request.num_output_placeholders -= 1
+        if num_drafts:
+            num_accepted = len(token_ids) - 1
+            request.num_computed_tokens -= num_drafts - num_accepted  # the rejected drafts' KV is stale
+            request.spec_token_ids = []
+            self.spec_stats.observe(num_drafts, num_accepted)
+        new_token_ids = self._append_and_check_stop(request, token_ids)
+        if draft_token_ids is not None and not request.is_finished:
+            request.spec_token_ids = self._trim_drafts(request, draft_token_ids)
+        return new_token_ids
+
+    @staticmethod
+    def _make_output(request: Request, new_token_ids: list[int], new_logprobs: Logprobs | None) -> EngineCoreOutput:
+        is_first = request.num_output_tokens == len(new_token_ids)
+        return EngineCoreOutput(
+            request_id=request.request_id,
+            new_token_ids=new_token_ids,
+            new_logprobs=new_logprobs,
+            prompt_logprobs=_merge_logprobs(request.prompt_logprobs) if request.prompt_logprobs else None,
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+            num_cached_tokens=request.num_cached_tokens,
+            scheduled_time=request.scheduled_time if is_first else 0.0,
+        )
+
+    def _remove_finished(self, request: Request) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        else:  # preempted while its last token was in flight
+            self.waiting.remove(request)
+        self._free(request)
 
     def recover_from_failed_step(self, failed: SchedulerOutput, error: str) -> list[EngineCoreOutput]:
         """Recover from a step the workers failed to run, once they have dropped every request
@@ -367,11 +403,6 @@ class Scheduler:
         self.num_preemptions = 0
         self.spec_stats.drain_into(stats)
         return stats
-
-    def make_outputs(self, outputs: list[EngineCoreOutput], num_batched_tokens: int) -> EngineCoreOutputs:
-        stats = self.make_stats()
-        stats.num_batched_tokens = num_batched_tokens
-        return EngineCoreOutputs(outputs=outputs, scheduler_stats=stats, timestamp=now())
 
 
 def _merge_logprobs(chunks: list[Logprobs]) -> Logprobs:

@@ -11,9 +11,10 @@ import re
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from engine_core.config import DEVICES, DTYPES, EngineConfig, SpeculativeConfig
+from engine_core.config import BLOCK_SIZES, DEVICES, DTYPES, EngineConfig, SpeculativeConfig
 from frontend.engine_supervisor import RestartPolicy
 
 # Enough for bursts; bounded so that overload answers 503 instead of queueing without end.
@@ -90,8 +91,50 @@ def check_port_free(host: str, port: int) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class EngineFlag:
+    """An `octavo serve` flag that sets the EngineConfig field of the same name (vLLM's flag
+    name); its default is the field's, and a bool field gets --FLAG / --no-FLAG."""
+
+    field: str
+    help: str
+    type: Callable[[str], Any] | None = None  # None: the text as given
+    choices: tuple[Any, ...] | None = None
+    aliases: tuple[str, ...] = ()
+    metavar: str | None = None
+
+    @property
+    def name(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+# Every EngineConfig field `octavo serve` sets, in --help's order; `engine_config` reads them all.
+ENGINE_FLAGS = (
+    EngineFlag("max_model_len", "context length: prompt plus completion tokens (default: the model's)", int),
+    EngineFlag("max_num_seqs", "most requests running in one step (default: %(default)s)", int),
+    EngineFlag("max_num_batched_tokens", "token budget of one step: prefill chunks plus decodes "
+               "(default: %(default)s)", int),
+    EngineFlag("block_size", "tokens per KV cache block (default: %(default)s)", int, choices=BLOCK_SIZES),
+    EngineFlag("dtype", "weights and activations; auto: the checkpoint's on GPU, float32 on CPU "
+               "(default: %(default)s)", choices=DTYPES),
+    EngineFlag("device", "where to run; auto: CUDA if available (default: %(default)s)", choices=DEVICES),
+    EngineFlag("gpu_memory_utilization", "fraction of GPU memory for weights, activations and KV cache "
+               "(default: %(default)s)", float),
+    EngineFlag("kv_cache_memory", "KV cache size, e.g. 2GiB (default: from --gpu-memory-utilization on GPU, "
+               "1 GiB on CPU)", parse_bytes),
+    EngineFlag("enable_prefix_caching", "reuse the KV cache of shared prompt prefixes (default: on)"),
+    EngineFlag("seed", "random seed of the engine (default: %(default)s)", int),
+    EngineFlag("tensor_parallel_size", "GPUs to shard the model over (default: %(default)s)", int,
+               aliases=("-tp",)),
+    # JSON here; engine_config parses it, so that a bad one reads like any other bad value.
+    EngineFlag("speculative_config", 'speculative decoding, as vLLM\'s: {"method": "ngram", '
+               '"num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 4} or '
+               '{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}; optional '
+               '"disable_by_batch_size": N', metavar="JSON"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    defaults = EngineConfig()
     parser = argparse.ArgumentParser(prog="octavo", description="Octavo: an OpenAI-compatible LLM server.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('octavo')}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model", nargs="?", default=None,
                        help="a Hugging Face checkpoint directory, a GGUF file, or a model id in the local Hugging "
                             "Face cache; none: the embedded default, SmolLM2-135M-Instruct")
+    _add_server_flags(serve)
+    _add_lifetime_flags(serve)
+    _add_engine_flags(serve)
+    return parser
+
+
+def _add_server_flags(serve: argparse.ArgumentParser) -> None:
     server = serve.add_argument_group("server")
     server.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     server.add_argument("--port", type=_port, default=8000, help="port to listen on (default: %(default)s)")
@@ -121,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--trust-request-chat-template", action="store_true",
                         help="render a chat template sent in a request's chat_template_kwargs; it is code the server "
                              "runs, so only where every client is trusted (default: refused with 400)")
+
+
+def _add_lifetime_flags(serve: argparse.ArgumentParser) -> None:
     lifetime = serve.add_argument_group("lifetime")
     lifetime.add_argument("--shutdown-timeout", type=_positive_seconds, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
                           metavar="SECONDS", help="after SIGTERM / SIGINT, how long requests in progress may take "
@@ -133,42 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
                           "within --engine-restart-window; then exit 1 (default: %(default)s; 0: never restart)")
     lifetime.add_argument("--engine-restart-window", type=_positive_seconds, default=RestartPolicy.window_s,
                           metavar="SECONDS", help="the window of --max-engine-restarts (default: %(default)s)")
+
+
+def _add_engine_flags(serve: argparse.ArgumentParser) -> None:
     engine = serve.add_argument_group("engine")
-    engine.add_argument("--max-model-len", type=int, default=defaults.max_model_len,
-                        help="context length: prompt plus completion tokens (default: the model's)")
-    engine.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
-                        help="most requests running in one step (default: %(default)s)")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
-                        help="token budget of one step: prefill chunks plus decodes (default: %(default)s)")
-    engine.add_argument("--block-size", type=int, default=defaults.block_size, choices=(8, 16, 32, 64, 128),
-                        help="tokens per KV cache block (default: %(default)s)")
-    engine.add_argument("--dtype", default=defaults.dtype, choices=DTYPES,
-                        help="weights and activations; auto: the checkpoint's on GPU, float32 on CPU (default: %(default)s)")
-    engine.add_argument("--device", default=defaults.device, choices=DEVICES, help="where to run; auto: CUDA if available (default: %(default)s)")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
-                        help="fraction of GPU memory for weights, activations and KV cache (default: %(default)s)")
-    engine.add_argument("--kv-cache-memory", type=parse_bytes, default=defaults.kv_cache_memory,
-                        help="KV cache size, e.g. 2GiB (default: from --gpu-memory-utilization on GPU, 1 GiB on CPU)")
-    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                        default=defaults.enable_prefix_caching, help="reuse the KV cache of shared prompt prefixes (default: on)")
-    engine.add_argument("--seed", type=int, default=defaults.seed, help="random seed of the engine (default: %(default)s)")
-    engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
-                        help="GPUs to shard the model over (default: %(default)s)")
-    engine.add_argument("--speculative-config", default=None, metavar="JSON",
-                        help='speculative decoding, as vLLM\'s: {"method": "ngram", "num_speculative_tokens": 4, '
-                             '"prompt_lookup_min": 1, "prompt_lookup_max": 4} or {"method": "draft_model", '
-                             '"model": PATH, "num_speculative_tokens": 4}; optional "disable_by_batch_size": N')
-    return parser
+    defaults = EngineConfig()
+    for flag in ENGINE_FLAGS:
+        default = getattr(defaults, flag.field)
+        if isinstance(default, bool):
+            engine.add_argument(flag.name, *flag.aliases, action=argparse.BooleanOptionalAction,
+                                default=default, help=flag.help)
+        else:
+            engine.add_argument(flag.name, *flag.aliases, type=flag.type, choices=flag.choices,
+                                default=default, metavar=flag.metavar, help=flag.help)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-        block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
-        gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching,
-        seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
-        speculative_config=SpeculativeConfig.parse(args.speculative_config) if args.speculative_config else None)
+    """The EngineConfig the flags spell; ValueError names a bad value."""
+    values = {flag.field: getattr(args, flag.field) for flag in ENGINE_FLAGS}
+    spec = values["speculative_config"]
+    values["speculative_config"] = SpeculativeConfig.parse(spec) if spec else None
+    return EngineConfig(model=args.model, **values)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from engine_core.protocol import (
 )
 from frontend.errors import APIError, engine_dead, engine_failed
 from frontend.output_processor import OutputProcessor, RequestState
-from metrics.stats import IterationStats, SchedulerStatsLike, StatLogger
+from metrics.stats import IterationStats, SchedulerStats, StatLogger
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class EngineClient:
             logger.exception("processing engine outputs failed")
             self._mark_dead(f"processing engine outputs failed ({type(e).__name__}: {e})")
 
-    def _record_stats(self, scheduler_stats: SchedulerStatsLike | None, iteration: IterationStats) -> None:
+    def _record_stats(self, scheduler_stats: SchedulerStats | None, iteration: IterationStats) -> None:
         for stat_logger in self.stat_loggers:
             stat_logger.record(scheduler_stats, iteration)
 

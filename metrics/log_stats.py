@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from metrics.stats import IterationStats, SchedulerStatsLike
+from metrics.stats import IterationStats, SchedulerStats
 
 logger = logging.getLogger("octavo.stats")
 
@@ -26,7 +26,7 @@ class LoggingStatLogger:
         self._spec_drafts = self._spec_draft_tokens = self._spec_accepted = 0
         self._spec_accepted_per_pos: list[int] = []
 
-    def record(self, scheduler_stats: SchedulerStatsLike | None, iteration: IterationStats) -> None:
+    def record(self, scheduler_stats: SchedulerStats | None, iteration: IterationStats) -> None:
         self._prompt_tokens += iteration.num_prompt_tokens
         self._generation_tokens += iteration.num_generation_tokens
         if scheduler_stats is not None:
@@ -38,7 +38,7 @@ class LoggingStatLogger:
             if scheduler_stats.spec_num_drafts:
                 self._record_spec(scheduler_stats)
 
-    def _record_spec(self, stats: SchedulerStatsLike) -> None:
+    def _record_spec(self, stats: SchedulerStats) -> None:
         self._spec_drafts += stats.spec_num_drafts
         self._spec_draft_tokens += stats.spec_num_draft_tokens
         self._spec_accepted += stats.spec_num_accepted_tokens

@@ -13,7 +13,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from metrics.stats import FINISH_REASONS, IterationStats, SchedulerStatsLike
+from metrics.stats import FINISH_REASONS, IterationStats, SchedulerStats
 
 PREFIX = "octavo:"
 COMPAT_CHOICES = ("vllm",)
@@ -123,7 +123,7 @@ class PrometheusStatLogger:
     def _histogram(self, name: str, documentation: str, buckets: tuple[float, ...] | list[int]) -> Histogram:
         return self._family(Histogram, name, documentation, buckets=buckets).labels(self._model_name)
 
-    def record(self, scheduler_stats: SchedulerStatsLike | None, iteration: IterationStats) -> None:
+    def record(self, scheduler_stats: SchedulerStats | None, iteration: IterationStats) -> None:
         if scheduler_stats is not None:
             self._record_scheduler(scheduler_stats)
         if iteration.num_prompt_tokens:
@@ -146,7 +146,7 @@ class PrometheusStatLogger:
             self.request_prompt_tokens.observe(request.num_prompt_tokens)
             self.request_generation_tokens.observe(request.num_generation_tokens)
 
-    def _record_scheduler(self, stats: SchedulerStatsLike) -> None:
+    def _record_scheduler(self, stats: SchedulerStats) -> None:
         self.running.set(stats.num_running_reqs)
         self.waiting.set(stats.num_waiting_reqs)
         self.kv_cache_usage.set(stats.kv_cache_usage)

@@ -5,7 +5,7 @@ per engine step): arrival to first token (TTFT), token to token (inter-token lat
 arrival to finish (end to end). The one moment only the engine knows, when a request was
 first scheduled, comes with the request's first output and splits its life into queue,
 prefill and decode time. This module imports nothing from the project: the engine's
-per-step stats are described here by their shape (`SchedulerStatsLike`).
+per-step stats struct lives here, and the engine core imports it.
 """
 
 from __future__ import annotations
@@ -13,27 +13,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
+
 # Finish reasons of requests that ran to their end; aborted and failed requests are only
 # counted, so a client giving up early does not read as a fast request.
 COMPLETED_REASONS = frozenset({"stop", "length"})
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
-class SchedulerStatsLike(Protocol):
-    """The engine's stats sent with each step (engine_core.protocol.SchedulerStats); the
-    counters cover only the step (or steps) since the previous stats."""
+class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """The engine's stats, sent with each step's outputs (a wire struct of
+    engine_core.protocol, encoded as the others are); the counters cover only the step (or
+    steps) since the previous stats."""
 
-    num_running_reqs: int
-    num_waiting_reqs: int
-    kv_cache_usage: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    num_batched_tokens: int
-    spec_num_drafts: int
-    spec_num_draft_tokens: int
-    spec_num_accepted_tokens: int
-    spec_num_accepted_tokens_per_pos: list[int]
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    kv_cache_usage: float = 0.0
+    num_free_blocks: int = 0
+    prefix_cache_queries: int = 0  # tokens looked up since the last stats
+    prefix_cache_hits: int = 0  # tokens found since the last stats
+    num_preemptions: int = 0
+    num_batched_tokens: int = 0
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_accepted_tokens_per_pos: list[int] = []  # index i: accepted at draft position i
 
 
 @dataclass(slots=True)
@@ -109,4 +113,4 @@ class IterationStats:
 
 
 class StatLogger(Protocol):
-    def record(self, scheduler_stats: SchedulerStatsLike | None, iteration: IterationStats) -> None: ...
+    def record(self, scheduler_stats: SchedulerStats | None, iteration: IterationStats) -> None: ...

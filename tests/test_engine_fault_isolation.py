@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_core.config import EngineConfig
-from engine_core.engine import MAX_FAILED_STEPS_IN_A_ROW, EngineCore
+from engine_core.engine import MAX_FAILED_STEPS_IN_A_ROW, EngineCore, StepMode
 from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.llm import LLM
 from engine_core.protocol import (
@@ -203,7 +203,7 @@ def test_prompt_logprobs_survive_the_recompute(tiny_path, prompts, alone, async_
 def test_speculative_decoding(tiny_path, alone, collect_first):
     llm = LLM(tiny_path, kv_cache_memory=1 << 24, speculative_config=NGRAM)
     # On a GPU without async scheduling the engine collects a step before launching the next.
-    llm.engine.collect_first = collect_first
+    llm.engine.set_step_mode(StepMode.COLLECT_FIRST if collect_first else StepMode.SYNC)
     prompts = prompts_with_repeats()
     good = {f"g{i}": p for i, p in enumerate(prompts)}
     outputs = run(llm.engine, {0: greedy(dict(list(good.items())[:6])),

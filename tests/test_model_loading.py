@@ -20,8 +20,9 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
                           LlamaConfig, PreTrainedModel, Qwen2Config, Qwen3Config)
 
+from workers.model_errors import ModelLoadError
 from workers.model_loader import load_model, resolve_dtype
-from workers.model_source import DEFAULT_MODEL_GGUF_MEMBER, ModelLoadError, resolve_model
+from workers.model_source import DEFAULT_MODEL_GGUF_MEMBER, resolve_model
 
 CPU = torch.device("cpu")
 SMALL = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

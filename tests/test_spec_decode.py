@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from engine_core.engine import StepMode
 from engine_core.llm import LLM
 from engine_core.protocol import EngineCoreRequest, SamplingParams
 from tests.test_engine import VOCAB, build_tiny, hf_greedy, random_prompts
@@ -210,7 +211,7 @@ def test_collect_first_ordering_keeps_outputs(target):
     and returns its outputs one call later; the same order on the CPU must give the same tokens."""
     hf_model, path = target
     llm = LLM(path, kv_cache_memory=1 << 24, speculative_config=NGRAM)
-    llm.engine.collect_first = True
+    llm.engine.set_step_mode(StepMode.COLLECT_FIRST)
     prompts = prompts_with_repeats()
     got, counts = run(llm, prompts, GREEDY)
     for prompt, tokens in zip(prompts, got):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.model_source import ModelLoadError
+from workers.model_errors import ModelLoadError
 from workers.progress import progress
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from workers.distributed import SINGLE_RANK, TensorParallelGroup
-from workers.model_source import ModelLoadError
+from workers.model_errors import ModelLoadError
 from workers.progress import progress
 from workers.models import MODEL_REGISTRY
 from workers.models.layers import Shard

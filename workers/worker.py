@@ -6,11 +6,11 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import msgspec
 import torch
 from transformers import GenerationConfig
 
 from engine_core.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig, SpeculativeConfig
+from engine_core.protocol import ModelInfo, ModelRunnerOutput, SchedulerOutput
 from workers.draft_model_proposer import DraftModelProposer
 from workers.input_batch import InputBatch
 from workers.model_loader import load_hf_config, load_model, resolve_dtype
@@ -20,18 +20,6 @@ from workers.ngram_proposer import NgramProposer
 from workers.spec_decode import DraftProposer
 
 logger = logging.getLogger(__name__)
-
-
-class ModelInfo(msgspec.Struct):
-    """What the engine core needs to know about the loaded model and its KV cache."""
-
-    model_path: str
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: list[int]
-    num_kv_blocks: int
-    device: str
-    dtype: str
 
 
 def _eos_token_ids(model_dir: Path, hf_config) -> list[int]:
@@ -55,6 +43,8 @@ def _device(name: str) -> torch.device:
 
 
 class Worker:
+    """Loads the model and its KV cache onto one device and runs the engine core's steps there."""
+
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = _device(config.device)
@@ -155,3 +145,13 @@ class Worker:
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
         )
+
+    def launch(self, scheduler_output: SchedulerOutput) -> None:
+        self.model_runner.launch(scheduler_output)
+
+    def collect(self) -> ModelRunnerOutput:
+        return self.model_runner.collect()
+
+    def reset(self) -> None:
+        """Drop every request and step in flight, after a step failed."""
+        self.model_runner.reset()
