@@ -81,6 +81,7 @@ class Scheduler:
                 self.waiting.remove(request)
             request.finish(FinishReason.ABORT)
             self._free(request)
+            self.suspects.discard(request_id)
             aborted.append(request)
         return aborted
 
