@@ -13,6 +13,8 @@ from engine_core.protocol import check_arg
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+EXECUTOR_BACKENDS = ("uni", "mp")
+LOAD_FORMATS = ("auto", "dummy")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in float32
 
@@ -86,6 +88,10 @@ class EngineConfig(msgspec.Struct, omit_defaults=True):
     enable_prefix_caching: bool = True
     seed: int = 0
     tensor_parallel_size: int = 1
+    # How the workers run: "uni", one worker inside the engine-core process (TP=1 only); "mp",
+    # one process per tensor-parallel rank. None: "uni" at TP=1, "mp" otherwise.
+    distributed_executor_backend: str | None = None
+    load_format: str = "auto"  # "dummy": random weights, no checkpoint read (benchmarks)
     enforce_eager: bool = False  # True: no CUDA graphs (GPU only; the CPU always runs eagerly)
     # Schedule step N+1 while the device runs step N. None: on for CUDA, off on the CPU (whose
     # cores run both, so overlap gains nothing there and a late stop costs a wasted decode).
@@ -107,6 +113,17 @@ class EngineConfig(msgspec.Struct, omit_defaults=True):
         check_arg(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
                   self.gpu_memory_utilization, "(0, 1]")
         check_arg(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
+        if self.distributed_executor_backend is not None:
+            check_arg(self.distributed_executor_backend in EXECUTOR_BACKENDS, "distributed_executor_backend",
+                      self.distributed_executor_backend, f"one of {EXECUTOR_BACKENDS}")
+        check_arg(self.tensor_parallel_size == 1 or self.distributed_executor_backend != "uni",
+                  "distributed_executor_backend", self.distributed_executor_backend,
+                  f"'mp' or None with tensor_parallel_size {self.tensor_parallel_size}")
+        check_arg(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")
         if self.speculative_config is not None:
             check_arg(not self.async_scheduling, "async_scheduling", self.async_scheduling,
                       "off (None or False) with speculative decoding")
+
+    @property
+    def uses_worker_processes(self) -> bool:
+        return (self.distributed_executor_backend or ("uni" if self.tensor_parallel_size == 1 else "mp")) == "mp"

@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable
 
 from engine_core.config import EngineConfig
-from engine_core.executor import Executor
+from engine_core.executor import Executor, WorkerFailedError
 from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.protocol import (
     EngineCoreOutput,
@@ -205,6 +205,8 @@ class EngineCore:
         """The workers failed to run a step: drop every step in flight, there and here, and
         let the scheduler end the request that failed alone, or retry a failed batch's
         requests alone, one per step, to find the one to blame. Returns the error outputs."""
+        if isinstance(error, WorkerFailedError):
+            raise error  # no request to blame: the engine-core process dies and is restarted
         self.num_failed_steps += 1
         if self.num_failed_steps > MAX_FAILED_STEPS_IN_A_ROW:
             logger.error("%d steps failed in a row, none succeeding: the engine is broken, not a request",
@@ -236,3 +238,4 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.scheduler.abort_requests(list(self.scheduler.requests))
+        self.executor.shutdown()

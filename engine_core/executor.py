@@ -2,7 +2,8 @@
 
 The engine core speaks to its workers only through this interface and the wire structs of
 `engine_core.protocol`, and imports nothing from `workers`: the worker class is loaded by
-module path (`WORKER_CLASS`), as worker processes for tensor parallelism will be started.
+module path (`WORKER_CLASS`), and worker processes are started by module path too
+(`multiproc_executor.WORKER_PROCESS_MODULE`).
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ class Executor(ABC):
 
     @staticmethod
     def create(config: EngineConfig) -> Executor:
-        if config.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size must be 1 in this version, got {config.tensor_parallel_size}")
+        if config.uses_worker_processes:
+            from engine_core.multiproc_executor import MultiprocExecutor
+
+            return MultiprocExecutor(config)
         return InProcessExecutor(config)
 
     @abstractmethod
@@ -58,6 +61,15 @@ class Executor(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Drop every request and step in flight on the workers, after a step failed."""
+
+    def shutdown(self) -> None:
+        """Stop the workers (worker processes also stop by themselves when the engine core
+        exits, however it exits)."""
+
+
+class WorkerFailedError(RuntimeError):
+    """A worker process died, or the ranks fell out of step: no request is to blame, and the
+    engine cannot go on."""
 
 
 class InProcessExecutor(Executor):

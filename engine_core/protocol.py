@@ -299,3 +299,22 @@ class ModelRunnerOutput(msgspec.Struct, **_STRUCT):
     draft_token_ids: dict[str, list[int]] = {}
     logprobs: dict[str, Logprobs] = {}
     prompt_logprobs: dict[str, Logprobs] = {}  # chunks of prompt logprobs computed this step
+
+
+class WorkerCommand(bytes, enum.Enum):
+    """First frame of every message the executor sends to a worker process (the payload of
+    LAUNCH is a SchedulerOutput; the others have none)."""
+
+    LAUNCH = b"\x00"  # enqueue a step
+    COLLECT = b"\x01"  # finish the oldest step launched, and reply
+    RESET = b"\x02"  # drop every request and step, after a failed step
+
+
+class WorkerReply(msgspec.Struct, **_STRUCT):
+    """A worker process's answer: its ModelInfo once loaded, then one per COLLECT (rank 0's
+    carrying the step's output), or the error that stopped it."""
+
+    rank: int
+    info: ModelInfo | None = None
+    output: ModelRunnerOutput | None = None
+    error: str | None = None

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine_core.config import BLOCK_SIZES, DEVICES, DTYPES, EngineConfig, SpeculativeConfig
+from engine_core.config import BLOCK_SIZES, DEVICES, DTYPES, EXECUTOR_BACKENDS, LOAD_FORMATS, EngineConfig, SpeculativeConfig
 from frontend.engine_supervisor import RestartPolicy
 
 # Enough for bursts; bounded so that overload answers 503 instead of queueing without end.
@@ -124,8 +124,13 @@ ENGINE_FLAGS = (
                "1 GiB on CPU)", parse_bytes),
     EngineFlag("enable_prefix_caching", "reuse the KV cache of shared prompt prefixes (default: on)"),
     EngineFlag("seed", "random seed of the engine (default: %(default)s)", int),
-    EngineFlag("tensor_parallel_size", "GPUs to shard the model over (default: %(default)s)", int,
-               aliases=("-tp",)),
+    EngineFlag("tensor_parallel_size", "GPUs (or, on the CPU, processes) to shard the model over, one worker "
+               "process each (default: %(default)s)", int, aliases=("-tp",)),
+    EngineFlag("distributed_executor_backend", "uni: the worker inside the engine-core process (tensor "
+               "parallel size 1 only); mp: one worker process per rank (default: uni at size 1, mp above)",
+               choices=EXECUTOR_BACKENDS),
+    EngineFlag("load_format", "dummy: random weights and no checkpoint read, to benchmark a model shape from "
+               "its config.json alone (default: %(default)s)", choices=LOAD_FORMATS),
     # JSON here; engine_config parses it, so that a bad one reads like any other bad value.
     EngineFlag("speculative_config", 'speculative decoding, as vLLM\'s: {"method": "ngram", '
                '"num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 4} or '

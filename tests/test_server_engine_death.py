@@ -192,3 +192,38 @@ def test_a_killed_server_takes_its_engine_and_sockets_with_it():
         server.remove_log()
     finally:
         server.stop()
+
+
+def test_a_killed_tensor_parallel_rank_ends_requests_at_once_and_the_engine_restarts():
+    # SmolLM2-135M shards over 3 ranks (9 query and 3 KV heads): the gloo path of a multi-GPU server.
+    server = ServerProcess("--tensor-parallel-size", "3", "--max-model-len", "512", "--api-key", API_KEY)
+    try:
+        ranks = [int(pid) for pid in re.findall(r"started tensor-parallel rank \d \(pid (\d+)\)", server.log_text())]
+        assert len(ranks) == 3
+        streams = start_streams(server, 3, {**LONG_CHAT, "stream": True})
+        first_engine = server.engine_pid
+
+        os.kill(ranks[1], signal.SIGKILL)
+        killed = time.monotonic()
+        assert wait_for_health(server, 503, timeout=5) < 1.5
+        for post in streams:
+            post.join(timeout=30)
+            assert not post.is_alive(), "an in-flight request hung"
+            assert post.ended_at - killed < 1.5
+            assert post.data.index(b'data: {"error":') < post.data.index(b"data: [DONE]")
+            assert b'"code":"engine_dead"' in post.data
+        # The engine core and its surviving ranks are gone: nothing is orphaned.
+        deadline = time.monotonic() + 10
+        while not all(engine_is_gone(pid) for pid in [first_engine, *ranks]):
+            assert time.monotonic() < deadline, "a process of the dead engine lives on"
+            time.sleep(0.05)
+
+        assert wait_for_health(server, 200, timeout=90) < 90
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+        reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
+        assert "Red" in reply.choices[0].message.content  # "1. Red\n2. Blue\n3. Green", as at TP=1
+        new_ranks = re.findall(r"started tensor-parallel rank \d \(pid (\d+)\)", server.log_text())[3:]
+        assert len(new_ranks) == 3
+        server.remove_log()
+    finally:
+        server.stop()

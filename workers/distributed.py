@@ -36,6 +36,14 @@ class TensorParallelGroup:
         dist.all_reduce(x, group=self.process_group)
         return x
 
+    def min(self, value: int) -> int:
+        """The smallest of every rank's `value` (a start-up agreement, not a step's)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device="cuda" if dist.get_backend(self.process_group) == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.process_group)
+        return int(t.item())
+
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's `x` concatenated along the last dim, in rank order."""
         if self.world_size == 1:
@@ -49,7 +57,7 @@ class TensorParallelGroup:
 SINGLE_RANK = TensorParallelGroup()
 
 
-def init_tensor_parallel(rank: int, world_size: int, init_method: str,
+def init_tensor_parallel(rank: int, world_size: int, init_method: str | None,
                          device: torch.device | str) -> TensorParallelGroup:
     """Join the `world_size` processes of one tensor-parallel model (NCCL on CUDA devices,
     gloo on the CPU) through `init_method` ("tcp://host:port" or "file:///path") and return

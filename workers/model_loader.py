@@ -86,17 +86,29 @@ def load_hf_config(model_dir: Path) -> Any:
 
 
 def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device,
-               tp_group: TensorParallelGroup = SINGLE_RANK) -> nn.Module:
+               tp_group: TensorParallelGroup = SINGLE_RANK, dummy: bool = False) -> nn.Module:
     """The checkpoint's model on `device`; with a `tp_group` of several ranks, this rank's
-    shard of it, reading only that shard's part of each checkpoint tensor."""
+    shard of it, reading only that shard's part of each checkpoint tensor. `dummy`: random
+    weights from config.json alone, to benchmark a shape whose checkpoint cannot be had."""
     model_dir = Path(model_dir)
     hf_config = load_hf_config(model_dir)
-    files = safetensors_files(model_dir)
+    files = [] if dummy else safetensors_files(model_dir)
     # Parameters are torch.empty, so building straight on the device costs no init time.
     with torch.device(device):
         model = model_class(model_dir)(hf_config, dtype, tp_group)
-    load_weights(model, files)
+    if dummy:
+        init_dummy_weights(model)
+    else:
+        load_weights(model, files)
     return model.eval()
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module) -> None:
+    """Small uniform values, as vLLM's dummy format: activations stay finite through any
+    depth. Drawn from the torch seed, so ranks agree on the replicated parameters."""
+    for param in model.parameters():
+        param.uniform_(-1e-3, 1e-3)
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:

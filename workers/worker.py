@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from transformers import GenerationConfig
 
 from engine_core.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig, SpeculativeConfig
 from engine_core.protocol import ModelInfo, ModelRunnerOutput, SchedulerOutput
+from workers.distributed import init_tensor_parallel
 from workers.draft_model_proposer import DraftModelProposer
 from workers.input_batch import InputBatch
 from workers.model_loader import load_hf_config, load_model, resolve_dtype
@@ -34,27 +36,42 @@ def _eos_token_ids(model_dir: Path, hf_config) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, rank: int, world_size: int) -> torch.device:
+    """Rank r's device: cuda:r (one GPU per rank), or the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise ValueError("device must be 'cpu' or 'auto' on a machine without CUDA, got 'cuda'")
-    return torch.device(name)
+    if world_size > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size must be <= the {torch.cuda.device_count()} CUDA device(s) "
+                         f"here, got {world_size}")
+    return torch.device("cuda", rank)
 
 
 class Worker:
     """Loads the model and its KV cache onto one device and runs the engine core's steps there."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, rank: int = 0, init_method: str | None = None) -> None:
+        """`rank` and `init_method` (torch.distributed's rendezvous) place a worker process
+        among the config's tensor_parallel_size ranks; each loads only its shards."""
         self.config = config
-        self.device = _device(config.device)
+        world_size = config.tensor_parallel_size
+        self.device = _device(config.device, rank, world_size)
         self.model_dir = resolve_model(config.model)
         hf_config = load_hf_config(self.model_dir)
         text_config = hf_config.get_text_config()
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
+        # Every rank draws the same random numbers (sampling keys, dummy weights), so all
+        # sample the same tokens from the same gathered logits.
         torch.manual_seed(config.seed)
+        if world_size > 1 and self.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # ranks share the cores
+        self.tp_group = init_tensor_parallel(rank, world_size, init_method, self.device)
 
-        self.model = load_model(self.model_dir, self.dtype, self.device)
+        self.model = load_model(self.model_dir, self.dtype, self.device, self.tp_group,
+                                dummy=config.load_format == "dummy")
         # Attention is always full: past a sliding window the model would differ from its
         # reference, so the window bounds the context like max_position_embeddings does.
         model_max_len = min(x for x in (getattr(text_config, "max_position_embeddings", None),
@@ -120,7 +137,8 @@ class Worker:
             budget = self._profile_free_gpu_memory()
         else:
             budget = DEFAULT_CPU_KV_CACHE_MEMORY
-        num_blocks = budget // self._block_bytes()
+        # Ranks hold equal shards but may have unequal free memory: all take the smallest.
+        num_blocks = self.tp_group.min(budget // self._block_bytes())
         if num_blocks < 1:
             raise ValueError(f"the KV cache budget of {budget} bytes holds no block of "
                              f"{self._block_bytes()} bytes; give more memory")
