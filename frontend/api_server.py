@@ -18,11 +18,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from engine_core.config import EngineConfig
 from engine_core.protocol import EngineReady
+from frontend.admission import AdmissionLimit
 from frontend.engine_client import EngineStartError
 from frontend.engine_supervisor import EngineSupervisor, RestartPolicy
 from frontend.errors import APIError, engine_dead, invalid_param, shutting_down
 from frontend.openai_protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
-from frontend.serving import AdmissionLimit, ServerState, chat_prompt, check_text_fits, decode_body, json_response
+from frontend.prompts import chat_prompt, check_in_vocabulary, text_prompt
+from frontend.request_body import decode_body
+from frontend.responses import json_response
+from frontend.server_state import ServerState
 from frontend.serving_chat import create_chat_completion
 from frontend.serving_completion import create_completion
 from frontend.tokenizer import ModelTokenizer, import_transformers
@@ -108,9 +112,7 @@ async def tokenize(request: web.Request) -> web.Response:
     if body.messages is not None:
         tokens = await chat_prompt(state, body.messages, body.add_generation_prompt)
     else:
-        prompt = body.prompt or ""
-        check_text_fits(state.tokenizer, state.ready.max_model_len, prompt, "prompt")
-        tokens = await state.tokenizer.encode(prompt, body.add_special_tokens)
+        tokens = await text_prompt(state, body.prompt or "", body.add_special_tokens)
     return json_response({"count": len(tokens), "max_model_len": state.ready.max_model_len, "tokens": tokens})
 
 
@@ -118,9 +120,7 @@ async def detokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await decode_body(request, DetokenizeRequest)
     state.check_model(body.model)
-    # Ids are >= 0 (DetokenizeRequest's bounds): only the largest can be out of the vocabulary.
-    if body.tokens and (largest := max(body.tokens)) >= state.ready.vocab_size:
-        raise invalid_param("tokens", f"token ids must be in [0, {state.ready.vocab_size}), got {largest}")
+    check_in_vocabulary(body.tokens, state.ready.vocab_size, "tokens", "token ids")
     return json_response({"prompt": await state.tokenizer.decode(body.tokens)})
 
 
@@ -229,7 +229,8 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
         engine.on_restart = prometheus.engine_restarts.inc
         engine.supervise()
         admission = AdmissionLimit(config.max_num_seqs + args.max_waiting_requests)
-        state = ServerState(engine, tokenizer, ready, names, args.api_key, admission, args.request_timeout, trust_request_chat_template=args.trust_request_chat_template)
+        state = ServerState(engine, tokenizer, ready, names, args.api_key, admission, args.request_timeout,
+                            trust_request_chat_template=args.trust_request_chat_template)
         runner = web.AppRunner(build_app(state, prometheus), handler_cancellation=True,
                                shutdown_timeout=_HANDLER_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
