@@ -2,8 +2,11 @@
 
 Request bodies are decoded straight into these structs: a wrong type, a missing field or a
 number out of its `msgspec.Meta` bounds fails the decode with the parameter's JSON path, which
-the server turns into a 400. What the bounds cannot express (the vocabulary size, one field
-against another) is checked by `check` and `SamplingParams.validate`.
+the server turns into a 400. The bounds come from `engine_core.protocol`, the one place they
+are stated, or are OpenAI's own (n, temperature's ceiling). What they cannot express (the
+vocabulary size, one field against another) is checked by `check`, and by
+`SamplingParams.validate` when `sampling_params` builds the engine's struct: a check that struct
+already makes (temperature's floor, repetition_penalty > 0) is left to it, not stated here again.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ MAX_N = 128  # OpenAI's limit on `n`
 MAX_PROMPTS = 2048
 MAX_REQUEST_TIMEOUT_S = 86400.0  # a day: a bound that keeps the deadline arithmetic finite
 NumChoices = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
-Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]  # OpenAI's range
-RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0)]  # JSON has no infinity: finite
+# OpenAI's ceiling; SamplingParams.validate refuses what is below 0.
+Temperature = Annotated[float, msgspec.Meta(le=2.0)]
 
 
 # ---------------------------------------------------------------- requests
@@ -79,7 +82,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     # vLLM's extras
     top_k: TopK | None = None
     min_p: MinP | None = None
-    repetition_penalty: RepetitionPenalty | None = None
+    repetition_penalty: float | None = None  # > 0: SamplingParams.validate
     ignore_eos: bool = False
     min_tokens: TokenCount = 0
     stop_token_ids: list[TokenId] | None = None
@@ -99,6 +102,8 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None, vocab_size: int) -> SamplingParams:
+        """The engine's struct for this request, validated: a 400 naming the field, its value
+        and the allowed range for whatever the engine would refuse."""
         params = SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,

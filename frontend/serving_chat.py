@@ -1,12 +1,13 @@
-"""POST /v1/chat/completions."""
+"""POST /v1/chat/completions: messages rendered by the chat template, answered with chat choices."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncGenerator
-
+import msgspec
 from aiohttp import web
 
+from frontend.generation import Generation, new_request_id
+from frontend.generation_response import ResponseShape, respond
+from frontend.logprobs import chat_logprobs
 from frontend.openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -14,22 +15,15 @@ from frontend.openai_protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatLogprobs,
     DeltaMessage,
+    Usage,
 )
-from frontend.serving import (
-    Generation,
-    ServerState,
-    chat_logprobs,
-    chat_prompt,
-    check_max_tokens,
-    child_params,
-    decode_body,
-    json_response,
-    new_request_id,
-    sse_event,
-    stream_sse,
-    usage,
-)
+from frontend.output_processor import ChoiceDelta
+from frontend.prompts import chat_prompt, check_max_tokens
+from frontend.request_body import decode_body
+from frontend.server_state import ServerState
+from frontend.tokenizer import ModelTokenizer
 
 
 async def create_chat_completion(state: ServerState, request: web.Request) -> web.StreamResponse:
@@ -43,57 +37,37 @@ async def create_chat_completion(state: ServerState, request: web.Request) -> we
     max_tokens = check_max_tokens(state.ready.max_model_len, len(prompt), requested, name, "messages")
     num_top = body.top_logprobs or 0
     params = body.sampling_params(max_tokens, num_top if body.logprobs else None, None, state.ready.vocab_size)
-    generation = Generation(state, new_request_id("chatcmpl"), [prompt] * body.n,
-                            [child_params(params, i) for i in range(body.n)], body.stop_strings(),
-                            body.include_stop_str_in_output, body.skip_special_tokens, body.request_timeout)
-    try:
-        if body.stream:
-            return await stream_sse(request, _stream(state, body, generation, model, len(prompt), num_top))
-        return await _complete(state, body, generation, model, len(prompt), num_top)
-    finally:
-        generation.close()
+    generation = Generation(state, new_request_id("chatcmpl"), body, [prompt], [params])
+    shape = ChatShape(generation.request_id, model, state.tokenizer, num_top)
+    return await respond(request, body, generation, shape, len(prompt))
 
 
-async def _complete(state: ServerState, body: ChatCompletionRequest, generation: Generation, model: str,
-                    num_prompt_tokens: int, num_top: int) -> web.Response:
-    total = await generation.collect()
-    choices = []
-    for index in range(body.n):
-        delta = total[index]
-        logprobs = chat_logprobs(state.tokenizer, delta.logprobs, num_top) if delta.logprobs else None
-        choices.append(ChatChoice(index, AssistantMessage(delta.text), logprobs, delta.finish_reason,
-                                  delta.stop_reason))
-    num_output_tokens = sum(delta.num_output_tokens for delta in total.values())
-    return json_response(ChatCompletion(generation.request_id, int(time.time()), model, choices,
-                                        usage(num_prompt_tokens, num_output_tokens)))
+class ChatShape(ResponseShape[ChatChunkChoice, ChatChoice]):
+    def __init__(self, request_id: str, model: str, tokenizer: ModelTokenizer, num_top: int) -> None:
+        super().__init__(request_id, model)
+        self.tokenizer = tokenizer
+        self.num_top = num_top  # top_logprobs
 
+    def opening_choices(self, num_choices: int) -> list[ChatChunkChoice]:
+        # As OpenAI: each choice's first chunk gives the role and no text yet.
+        return [ChatChunkChoice(index, DeltaMessage(role="assistant", content="")) for index in range(num_choices)]
 
-async def _stream(state: ServerState, body: ChatCompletionRequest, generation: Generation, model: str,
-                  num_prompt_tokens: int, num_top: int) -> AsyncGenerator[bytes, None]:
-    options = body.stream_options
-    include_usage = options is not None and options.include_usage
-    continuous_usage = include_usage and options is not None and options.continuous_usage_stats
-    request_id, created = generation.request_id, int(time.time())
-    num_output_tokens = [0] * body.n
-    yield b"".join(sse_event(ChatCompletionChunk(request_id, created, model,
-                                                 [ChatChunkChoice(i, DeltaMessage(role="assistant", content=""))]))
-                   for i in range(body.n))
-    while not generation.done:
-        events = []
-        for index, delta in sorted((await generation.next()).items()):
-            if delta.error is not None:
-                raise delta.error
-            num_output_tokens[index] = delta.num_output_tokens
-            text = delta.text
-            if not text and delta.logprobs is None and not delta.finished:
-                continue  # only part of a character so far
-            logprobs = chat_logprobs(state.tokenizer, delta.logprobs, num_top) if delta.logprobs else None
-            chunk_usage = usage(num_prompt_tokens, sum(num_output_tokens)) if continuous_usage else None
-            choice = ChatChunkChoice(index, DeltaMessage(content=text if text or not delta.finished else None),
-                                     logprobs, delta.finish_reason, delta.stop_reason)
-            events.append(sse_event(ChatCompletionChunk(request_id, created, model, [choice], chunk_usage)))
-        if events:
-            yield b"".join(events)
-    if include_usage:
-        yield sse_event(ChatCompletionChunk(request_id, created, model, [],
-                                            usage(num_prompt_tokens, sum(num_output_tokens))))
+    def chunk_choice(self, index: int, delta: ChoiceDelta) -> ChatChunkChoice | None:
+        text = delta.text
+        if not text and delta.logprobs is None and not delta.finished:
+            return None  # only part of a character so far
+        message = DeltaMessage(content=text if text or not delta.finished else None)
+        return ChatChunkChoice(index, message, self._logprobs(delta), delta.finish_reason, delta.stop_reason)
+
+    def final_choice(self, index: int, total: ChoiceDelta) -> ChatChoice:
+        return ChatChoice(index, AssistantMessage(total.text), self._logprobs(total), total.finish_reason,
+                          total.stop_reason)
+
+    def chunk(self, created: int, choices: list[ChatChunkChoice], usage: Usage | None) -> msgspec.Struct:
+        return ChatCompletionChunk(self.request_id, created, self.model, choices, usage)
+
+    def response(self, created: int, choices: list[ChatChoice], usage: Usage) -> msgspec.Struct:
+        return ChatCompletion(self.request_id, created, self.model, choices, usage)
+
+    def _logprobs(self, delta: ChoiceDelta) -> ChatLogprobs | None:
+        return chat_logprobs(self.tokenizer, delta.logprobs, self.num_top) if delta.logprobs else None

@@ -30,7 +30,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from engine_core.protocol import INT32_MAX, INT64_MAX, INT64_MIN, EngineCoreRequest, SamplingParams
 from frontend.openai_protocol import MAX_PROMPTS
-from frontend.serving import stream_sse
+from frontend.responses import stream_sse
 from test_server import API_KEY, CHAT, MODEL, ServerProcess, engine_is_gone, request
 
 MAX_MODEL_LEN = 512
@@ -379,7 +379,7 @@ def test_a_client_gone_before_or_during_the_stream_is_no_error(monkeypatch, capl
             await events.__anext__()  # started: closing it must run its finally
         return await stream_sse(make_mocked_request("POST", "/v1/chat/completions"), events)
 
-    with caplog.at_level(logging.DEBUG, logger="frontend.serving"):
+    with caplog.at_level(logging.DEBUG, logger="frontend.responses"):
         response = asyncio.run(run())
     assert isinstance(response, web.StreamResponse) and source.closed
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
