@@ -30,6 +30,7 @@ from engine_core.config import EngineConfig
 from engine_core.engine import EngineCore
 from engine_core.protocol import (
     EngineCoreOutputs,
+    EngineStartFailure,
     EngineCoreRequest,
     RequestType,
     UtilityOutput,
@@ -161,7 +162,8 @@ def _raise_system_exit(signum: int, frame: Any) -> None:
 
 
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> int:
-    """Run until told to stop (0) or until a fatal error (1), announced as engine_dead."""
+    """Run until told to stop (0) or until a fatal error (1), announced as engine_dead; 2 when
+    the engine cannot start with this configuration (EngineStartFailure)."""
     ctx = zmq.Context()
     input_socket = ctx.socket(zmq.DEALER)
     input_socket.connect(input_addr)
@@ -170,7 +172,15 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     output_socket.connect(output_addr)
     proc: EngineCoreProc | None = None
     try:
-        engine = EngineCore(config)
+        try:
+            engine = EngineCore(config)
+        except ValueError as e:
+            # The configuration or the model is wrong (the message names the value): the
+            # user's to fix, said in one line by the frontend; a traceback helps only us.
+            logger.debug("the engine cannot start", exc_info=True)
+            input_socket.send(msgspec.msgpack.encode(EngineStartFailure(str(e))))
+            input_socket.close(linger=_SEND_LINGER_MS)
+            return 2
         proc = EngineCoreProc(engine, input_socket, output_socket)
         # A stop signal between the two thread starts would leave a socket that nobody
         # closes, and ctx.term() below waiting for it forever: start both or neither.

@@ -58,11 +58,17 @@ class MultiprocExecutor(Executor):
             proc.stdin.flush()  # stdin stays open: it is the rank's lifeline
             logger.info("started tensor-parallel rank %d (pid %d)", rank, proc.pid)
             self.procs.append(proc)
-        replies = self._gather()
-        failed = [r for r in replies if r.error is not None]
-        if failed:
+        try:
+            replies = self._gather()
+        except WorkerFailedError:
             self.shutdown()
-            raise ValueError(failed[0].error)
+            raise
+        failed = next((r for r in replies if r.error is not None), None)
+        if failed is not None:
+            self.shutdown()
+            if failed.error_is_internal:
+                raise RuntimeError(f"tensor-parallel rank {failed.rank} failed to start: {failed.error}")
+            raise ValueError(failed.error)
         self.info: ModelInfo = replies[0].info
 
     def model_info(self) -> ModelInfo:

@@ -221,7 +221,7 @@ class UtilityOutput(msgspec.Struct, **_STRUCT):
     error: str | None = None
 
 
-class EngineReady(msgspec.Struct, **_STRUCT):
+class EngineReady(msgspec.Struct, tag=True, **_STRUCT):
     """The engine core's handshake: sent once its model and KV cache are ready."""
 
     model_path: str  # resolved local directory: the frontend loads the tokenizer from it
@@ -234,6 +234,13 @@ class EngineReady(msgspec.Struct, **_STRUCT):
     device: str
     dtype: str
     eos_token_ids: list[int]
+
+
+class EngineStartFailure(msgspec.Struct, tag=True, **_STRUCT):
+    """The handshake of an engine core that cannot start because of its configuration or its
+    model (a ValueError naming the value): the user's to fix, said in one line."""
+
+    reason: str
 
 
 def now() -> float:
@@ -318,3 +325,6 @@ class WorkerReply(msgspec.Struct, **_STRUCT):
     info: ModelInfo | None = None
     output: ModelRunnerOutput | None = None
     error: str | None = None
+    # False: a ValueError naming a bad value (the configuration, the model, a request);
+    # True: anything else, a bug or a broken device.
+    error_is_internal: bool = False

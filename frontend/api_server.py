@@ -15,7 +15,7 @@ from engine_core.config import EngineConfig
 from engine_core.protocol import EngineReady
 from frontend.admission import AdmissionLimit
 from frontend.app import build_app
-from frontend.engine_client import EngineStartError
+from frontend.engine_client import EngineConfigError, EngineStartError
 from frontend.engine_supervisor import EngineSupervisor, RestartPolicy
 from frontend.errors import shutting_down
 from frontend.server_state import ServerState
@@ -54,6 +54,9 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
         await asyncio.to_thread(import_transformers)
         try:
             ready = await starting
+        except EngineConfigError as e:
+            logger.error("%s", e)
+            return 2  # as for a bad flag: the command line is the user's to fix
         except EngineStartError as e:
             logger.error("%s", e)
             return 1

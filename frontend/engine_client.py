@@ -27,6 +27,7 @@ from engine_core.protocol import (
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineReady,
+    EngineStartFailure,
     RequestType,
     UtilityRequest,
 )
@@ -41,6 +42,10 @@ _SHUTDOWN_TIMEOUT_S = 10.0
 
 class EngineStartError(RuntimeError):
     pass
+
+
+class EngineConfigError(EngineStartError):
+    """The engine cannot start with this configuration or model; the message names the value."""
 
 
 class EngineClient:
@@ -88,7 +93,10 @@ class EngineClient:
             raise EngineStartError(f"the engine core exited with code {exited.result()} before it was ready "
                                    "(its log above says why)")
         self._engine_identity, payload = handshake.result()
-        ready = msgspec.msgpack.decode(payload, type=EngineReady)
+        ready = msgspec.msgpack.decode(payload, type=EngineReady | EngineStartFailure)
+        if isinstance(ready, EngineStartFailure):
+            await exited
+            raise EngineConfigError(ready.reason)
         self._tasks = [asyncio.create_task(self._output_loop(), name="engine-outputs"),
                        asyncio.create_task(self._watch_process(exited), name="engine-watch")]
         return ready

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import torch
 
 from frontend.cli import parse_bytes
 
@@ -226,6 +227,23 @@ def test_bad_engine_arguments_fail_before_loading_anything():
     assert result.returncode == 2 and "gpu_memory_utilization must be (0, 1], got 1.5" in result.stderr
     result = octavo("serve", "--kv-cache-memory", "lots")
     assert result.returncode == 2 and "not a memory size" in result.stderr
+
+
+def test_what_only_the_model_or_the_machine_can_refuse_is_one_line_exit_2(tmp_path):
+    """Values checked once the engine knows its model and device: one line naming the value,
+    exit code 2 as for a bad flag, and no traceback from either process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    result = octavo("serve", "--max-model-len", "100000", "--host", "127.0.0.1", "--port", port)
+    assert result.returncode == 2, result.stderr
+    assert "ERROR octavo: max_model_len must be <= 8192 (the model's maximum context), got 100000" in result.stderr
+    assert "Traceback" not in result.stderr and "ERROR engine_core" not in result.stderr
+    if not torch.cuda.is_available():
+        result = octavo("serve", "--device", "cuda", "--host", "127.0.0.1", "--port", port)
+        assert result.returncode == 2, result.stderr
+        assert "ERROR octavo: device must be 'cpu' or 'auto' on a machine without CUDA, got 'cuda'" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(("text", "size"), [("1073741824", 1 << 30), ("2GiB", 2 << 30), ("512MiB", 512 << 20),

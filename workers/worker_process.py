@@ -88,8 +88,10 @@ def main() -> None:
     try:
         worker = Worker(config, rank=rank, init_method=init_method)
     except Exception as e:
-        logger.exception("rank %d failed to start", rank)
-        replies.send(encoder.encode(WorkerReply(rank=rank, error=f"{type(e).__name__}: {e}")))
+        internal = not isinstance(e, ValueError)
+        logger.debug("rank %d failed to start", rank, exc_info=True)
+        replies.send(encoder.encode(WorkerReply(rank=rank, error=f"{type(e).__name__}: {e}" if internal else str(e),
+                                                error_is_internal=internal)))
         replies.close(linger=5000)
         sys.exit(1)
     replies.send(encoder.encode(WorkerReply(rank=rank, info=worker.model_info())))
