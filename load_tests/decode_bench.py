@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--context-len", type=int, default=1024, help="prompt tokens per request")
     parser.add_argument("--num-steps", type=int, default=64, help="timed Octavo steps per batch size")
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument("--distributed-executor-backend", choices=("uni", "mp"), default=None,
+                        help="mp: the worker in a process of its own (the tensor-parallel path at size 1)")
     parser.add_argument("--hf-batch-sizes", type=int, nargs="*", default=None,
                         help="those of --batch-sizes transformers runs (default: all; none: skip it)")
     args = parser.parse_args()
@@ -113,6 +115,7 @@ def main() -> None:
 
     budget = args.max_num_batched_tokens
     llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=budget,
+              distributed_executor_backend=args.distributed_executor_backend,
               max_model_len=args.context_len + max_tokens(max(args.batch_sizes), args.context_len,
                                                           args.num_steps, budget))
     rows = {}
@@ -121,6 +124,7 @@ def main() -> None:
         roofline = max((weight_bytes + total_context * kv_bytes_per_token) / bandwidth,
                        batch * (layer_flops_per_token + lm_head_flops) / matmul_flops)
         rows[batch] = {"octavo": seconds, "roofline": roofline, "context": total_context / batch}
+    llm.engine.shutdown()
     del llm
     torch.cuda.empty_cache()
 

@@ -90,7 +90,7 @@ def run_octavo(model_dir: str, prompts, output_lens, args) -> dict:
     start = time.perf_counter()
     llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=4096,
-              enforce_eager=args.enforce_eager,
+              enforce_eager=args.enforce_eager, distributed_executor_backend=args.distributed_executor_backend,
               **({"block_size": args.block_size} if args.block_size else {}))
     startup = time.perf_counter() - start
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))  # warm-up
@@ -124,6 +124,7 @@ def run_octavo(model_dir: str, prompts, output_lens, args) -> dict:
         print("allocator during the run: " + ", ".join(
             f"{key} {allocator.get(key, 0) - allocator_before.get(key, 0)}"
             for key in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")))
+    llm.engine.shutdown()  # a worker process gives its GPU memory back before transformers runs
     num_out = sum(len(o.token_ids) for o in outputs)
     assert num_out == sum(output_lens), (num_out, sum(output_lens))
     return {"engine": "octavo", "seconds": elapsed, "output_tokens": num_out,
@@ -201,6 +202,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--block-size", type=int, help="KV cache block size (default: the engine's)")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--distributed-executor-backend", choices=("uni", "mp"), default=None,
+                        help="mp: the worker in a process of its own (the tensor-parallel path at size 1)")
     parser.add_argument("--profile", choices=["host", "device"],
                         help="print where the time goes: the host's Python (cProfile) or GPU kernels")
     parser.add_argument("--json", help="write the results here")
