@@ -14,6 +14,7 @@ request's KV) / copy bandwidth and FLOPs / matmul rate, both measured in the sam
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 
@@ -126,6 +127,7 @@ def main() -> None:
         rows[batch] = {"octavo": seconds, "roofline": roofline, "context": total_context / batch}
     llm.engine.shutdown()
     del llm
+    gc.collect()  # the in-process worker's KV cache sits in reference cycles
     torch.cuda.empty_cache()
 
     if hf_batch_sizes:
