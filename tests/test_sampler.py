@@ -29,6 +29,7 @@ import torch
 
 from engine_core.protocol import GREEDY_TEMPERATURE, SamplingParams
 from kernels import reference
+from load_tests.gpu_inputs import sampling_metadata
 from triton_interpreter import interpreter_tests, run_cases
 from workers.sampler import Sampler, SamplingMetadata
 
@@ -61,14 +62,7 @@ def samples_match(tokens: torch.Tensor, probs: torch.Tensor) -> bool:
 
 def metadata(temperature: torch.Tensor | list[float], **fields) -> SamplingMetadata:
     """A step's metadata with every processor off unless given."""
-    temperature = torch.as_tensor(temperature, dtype=torch.float32)
-    defaults = dict(
-        temperature=temperature, all_greedy=bool((temperature == 0).all()), top_p=None, top_k=None,
-        min_p=None, generators={}, seeds=None, torch_rows=None, presence_penalty=None,
-        frequency_penalty=None, repetition_penalty=None, output_token_counts=None,
-        prompt_token_mask=None, bias_rows=None, bias_token_ids=None, bias_values=None, ban_rows=None,
-        ban_token_ids=None, max_num_logprobs=-1)
-    return SamplingMetadata(**{**defaults, **fields})
+    return sampling_metadata(torch.as_tensor(temperature, dtype=torch.float32), **fields)
 
 
 def draw(logits: torch.Tensor, n: int, temperature: float, **fields) -> torch.Tensor:
