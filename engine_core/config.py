@@ -14,6 +14,8 @@ from engine_core.protocol import check_arg
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 EXECUTOR_BACKENDS = ("uni", "mp")
+# A process per rank: beyond the GPUs of any one host, and far beyond what a CPU can share.
+MAX_TENSOR_PARALLEL_SIZE = 64
 LOAD_FORMATS = ("auto", "dummy")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in float32
@@ -112,7 +114,8 @@ class EngineConfig(msgspec.Struct, omit_defaults=True):
             check_arg(self.kv_cache_memory > 0, "kv_cache_memory", self.kv_cache_memory, "> 0 bytes")
         check_arg(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
                   self.gpu_memory_utilization, "(0, 1]")
-        check_arg(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
+        check_arg(1 <= self.tensor_parallel_size <= MAX_TENSOR_PARALLEL_SIZE, "tensor_parallel_size",
+                  self.tensor_parallel_size, f"in [1, {MAX_TENSOR_PARALLEL_SIZE}]")
         if self.distributed_executor_backend is not None:
             check_arg(self.distributed_executor_backend in EXECUTOR_BACKENDS, "distributed_executor_backend",
                       self.distributed_executor_backend, f"one of {EXECUTOR_BACKENDS}")

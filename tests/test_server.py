@@ -227,6 +227,17 @@ def test_bad_engine_arguments_fail_before_loading_anything():
     assert result.returncode == 2 and "gpu_memory_utilization must be (0, 1], got 1.5" in result.stderr
     result = octavo("serve", "--kv-cache-memory", "lots")
     assert result.returncode == 2 and "not a memory size" in result.stderr
+    for size in ("0", "-2", "100000"):
+        result = octavo("serve", "--tensor-parallel-size", size)
+        assert result.returncode == 2 and f"tensor_parallel_size must be in [1, 64], got {size}" in result.stderr
+    result = octavo("serve", "-tp", "two")
+    assert result.returncode == 2 and "argument --tensor-parallel-size/-tp: invalid int value: 'two'" in result.stderr
+    result = octavo("serve", "--distributed-executor-backend", "ray")
+    assert result.returncode == 2 and "invalid choice: 'ray'" in result.stderr
+    result = octavo("serve", "--distributed-executor-backend", "uni", "-tp", "2")
+    assert result.returncode == 2 and "distributed_executor_backend must be 'mp' or None" in result.stderr
+    result = octavo("serve", "--load-format", "pt")
+    assert result.returncode == 2 and "invalid choice: 'pt'" in result.stderr
 
 
 def test_what_only_the_model_or_the_machine_can_refuse_is_one_line_exit_2(tmp_path):
