@@ -69,8 +69,8 @@ class EngineCore:
         self.ready = self._make_ready(info)
         self.kv_cache_manager = KVCacheManager(info.num_kv_blocks, config.block_size,
                                                config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_batched_tokens,
-                                   config.max_num_seqs, self.max_model_len, config.speculative_config)
+        self.scheduler = Scheduler(self.kv_cache_manager, info.max_num_batched_tokens,
+                                   info.max_num_seqs, self.max_model_len, config.speculative_config)
         # Requests refused at admission; reported with the next step's outputs.
         self.rejected: list[EngineCoreOutput] = []
         # Steps launched on the device and not yet collected, oldest first.
@@ -97,6 +97,8 @@ class EngineCore:
             block_size=block_size,
             kv_capacity_tokens=kv_capacity,
             max_concurrency=kv_capacity / info.max_model_len,
+            max_num_seqs=info.max_num_seqs,
+            max_num_batched_tokens=info.max_num_batched_tokens,
             device=info.device,
             dtype=info.dtype,
             eos_token_ids=info.eos_token_ids,

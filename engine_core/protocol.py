@@ -231,6 +231,8 @@ class EngineReady(msgspec.Struct, tag=True, **_STRUCT):
     block_size: int
     kv_capacity_tokens: int
     max_concurrency: float  # requests of max_model_len tokens that fit in the KV cache
+    max_num_seqs: int  # the config's, or the device's default
+    max_num_batched_tokens: int
     device: str
     dtype: str
     eos_token_ids: list[int]
@@ -259,6 +261,8 @@ class ModelInfo(msgspec.Struct, **_STRUCT):
     vocab_size: int
     eos_token_ids: list[int]
     num_kv_blocks: int
+    max_num_seqs: int  # the config's, or the device's default
+    max_num_batched_tokens: int
     device: str
     dtype: str
 

@@ -70,7 +70,7 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
         engine.client.stat_loggers = [prometheus, log_stats]
         engine.on_restart = prometheus.engine_restarts.inc
         engine.supervise()
-        admission = AdmissionLimit(config.max_num_seqs + args.max_waiting_requests)
+        admission = AdmissionLimit(ready.max_num_seqs + args.max_waiting_requests)
         state = ServerState(engine, tokenizer, ready, names, args.api_key, admission, args.request_timeout,
                             trust_request_chat_template=args.trust_request_chat_template)
         runner = web.AppRunner(build_app(state, prometheus), handler_cancellation=True,

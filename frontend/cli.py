@@ -14,7 +14,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine_core.config import BLOCK_SIZES, DEVICES, DTYPES, EXECUTOR_BACKENDS, LOAD_FORMATS, EngineConfig, SpeculativeConfig
+from engine_core.config import (
+    BLOCK_SIZES,
+    CPU_SCHEDULING_LIMITS,
+    DEVICES,
+    DTYPES,
+    EXECUTOR_BACKENDS,
+    GPU_SCHEDULING_LIMITS,
+    LARGE_GPU_SCHEDULING_LIMITS,
+    LOAD_FORMATS,
+    EngineConfig,
+    SpeculativeConfig,
+)
 from frontend.engine_supervisor import RestartPolicy
 
 # Enough for bursts; bounded so that overload answers 503 instead of queueing without end.
@@ -111,9 +122,11 @@ class EngineFlag:
 # Every EngineConfig field `octavo serve` sets, in --help's order; `engine_config` reads them all.
 ENGINE_FLAGS = (
     EngineFlag("max_model_len", "context length: prompt plus completion tokens (default: the model's)", int),
-    EngineFlag("max_num_seqs", "most requests running in one step (default: %(default)s)", int),
-    EngineFlag("max_num_batched_tokens", "token budget of one step: prefill chunks plus decodes "
-               "(default: %(default)s)", int),
+    EngineFlag("max_num_seqs", "most requests running in one step (default: from the device: "
+               f"{LARGE_GPU_SCHEDULING_LIMITS[0]} on a GPU, {CPU_SCHEDULING_LIMITS[0]} on the CPU)", int),
+    EngineFlag("max_num_batched_tokens", "token budget of one step: prefill chunks plus decodes (default: from "
+               f"the device: {LARGE_GPU_SCHEDULING_LIMITS[1]} on a GPU of 70 GiB or more, "
+               f"{GPU_SCHEDULING_LIMITS[1]} on a smaller one, {CPU_SCHEDULING_LIMITS[1]} on the CPU)", int),
     EngineFlag("block_size", "tokens per KV cache block (default: %(default)s)", int, choices=BLOCK_SIZES),
     EngineFlag("dtype", "weights and activations; auto: the checkpoint's on GPU, float32 on CPU "
                "(default: %(default)s)", choices=DTYPES),

@@ -91,6 +91,7 @@ def run_octavo(model_dir: str, prompts, output_lens, args) -> dict:
     llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=4096,
               enforce_eager=args.enforce_eager, distributed_executor_backend=args.distributed_executor_backend,
+              load_format="auto" if args.shape == "qwen3-0.6b" else "dummy",
               **({"block_size": args.block_size} if args.block_size else {}))
     startup = time.perf_counter() - start
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))  # warm-up
@@ -198,8 +199,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--hf-num-seqs", type=int, default=32, help="sequences given to transformers (0: skip)")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument("--shape", choices=("qwen3-0.6b", "llama-3.1-8b"), default="qwen3-0.6b",
+                        help="llama-3.1-8b: random weights made on the device (--load-format dummy), no "
+                             "transformers run (default: %(default)s)")
+    parser.add_argument("--max-num-seqs", type=int, help="default: the engine's, from the device")
+    parser.add_argument("--max-num-batched-tokens", type=int, help="default: the engine's, from the device")
     parser.add_argument("--block-size", type=int, help="KV cache block size (default: the engine's)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--distributed-executor-backend", choices=("uni", "mp"), default=None,
@@ -213,11 +217,20 @@ def main() -> None:
 
     prompts, output_lens = reference_workload()
     prompts, output_lens = prompts[:args.num_seqs], output_lens[:args.num_seqs]
-    config = qwen3_0_6b_config()
-    model_dir = tempfile.mkdtemp(prefix="qwen3-0.6b-random-")
-    torch.manual_seed(0)
-    hf_model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
-    hf_model.save_pretrained(model_dir)
+    model_dir = tempfile.mkdtemp(prefix=f"{args.shape}-random-")
+    if args.shape == "qwen3-0.6b":
+        config = qwen3_0_6b_config()
+        torch.manual_seed(0)
+        hf_model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+        hf_model.save_pretrained(model_dir)
+    else:  # 16 GB of weights: made on the device from config.json alone
+        from transformers import LlamaConfig
+
+        from load_tests.startup_bench import SHAPES
+
+        config = LlamaConfig(**SHAPES[args.shape], architectures=["LlamaForCausalLM"], torch_dtype="bfloat16")
+        config.save_pretrained(model_dir)
+        args.hf_num_seqs = 0
     print(f"workload: {len(prompts)} seqs, {sum(map(len, prompts))} prompt tokens, {sum(output_lens)} output tokens")
 
     bandwidth, matmul_flops = measure_device()

@@ -10,6 +10,12 @@ import pytest
 import torch
 import transformers
 
+from engine_core.config import (
+    CPU_SCHEDULING_LIMITS,
+    GPU_SCHEDULING_LIMITS,
+    LARGE_GPU_SCHEDULING_LIMITS,
+    EngineConfig,
+)
 from engine_core.llm import LLM
 from engine_core.protocol import EngineCoreRequest, FinishReason, SamplingParams
 
@@ -212,3 +218,16 @@ def test_abort_frees_blocks(tiny):
     engine.abort_requests(["a"])
     assert not engine.has_unfinished_requests()
     assert engine.kv_cache_manager.num_free_blocks == free_idle
+
+
+def test_scheduling_limits_come_from_the_device_unless_given(tiny):
+    _, path = tiny
+    engine = LLM(path).engine
+    assert (engine.scheduler.max_num_seqs, engine.scheduler.max_num_batched_tokens) == CPU_SCHEDULING_LIMITS
+    assert (engine.ready.max_num_seqs, engine.ready.max_num_batched_tokens) == CPU_SCHEDULING_LIMITS
+    engine = LLM(path, max_num_seqs=3, max_num_batched_tokens=40).engine
+    assert (engine.ready.max_num_seqs, engine.ready.max_num_batched_tokens) == (3, 40)
+    # The GPU defaults, by the device's memory (no GPU here to start an engine on).
+    assert EngineConfig().scheduling_limits("cuda", 141 << 30) == LARGE_GPU_SCHEDULING_LIMITS == (256, 16384)
+    assert EngineConfig().scheduling_limits("cuda", 24 << 30) == GPU_SCHEDULING_LIMITS == (256, 8192)
+    assert EngineConfig(max_num_seqs=64).scheduling_limits("cuda", 141 << 30) == (64, 16384)

@@ -59,6 +59,7 @@ class Worker:
         self.config = config
         world_size = config.tensor_parallel_size
         self.device = _device(config.device, rank, world_size)
+        self.max_num_seqs, self.max_num_batched_tokens = self._scheduling_limits(rank)
         self.model_dir = resolve_model(config.model)
         hf_config = load_hf_config(self.model_dir)
         text_config = hf_config.get_text_config()
@@ -89,11 +90,21 @@ class Worker:
         self.num_kv_blocks = self._num_kv_blocks()
         kv_caches = [self._allocate_kv_caches(model) for model in self.kv_models]
         self.eos_token_ids = _eos_token_ids(self.model_dir, text_config)
-        self.model_runner = ModelRunner(self.model, kv_caches[0], config.block_size, config.max_num_seqs,
-                                        config.max_num_batched_tokens, self.max_model_len, self.vocab_size, self.eos_token_ids,
+        self.model_runner = ModelRunner(self.model, kv_caches[0], config.block_size, self.max_num_seqs,
+                                        self.max_num_batched_tokens, self.max_model_len, self.vocab_size, self.eos_token_ids,
                                         self.device, use_cuda_graphs=not config.enforce_eager,
                                         num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
                                         make_proposer=self._proposer_factory(spec, kv_caches[-1]))
+
+    def _scheduling_limits(self, rank: int) -> tuple[int, int]:
+        config = self.config
+        total_memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
+        limits = config.scheduling_limits(self.device.type, total_memory)
+        if rank == 0 and (config.max_num_seqs is None or config.max_num_batched_tokens is None):
+            logger.info("max_num_seqs %d and max_num_batched_tokens %d, chosen for %s%s (--max-num-seqs and "
+                        "--max-num-batched-tokens set them)", *limits, self.device.type,
+                        f" with {total_memory / (1 << 30):.0f} GiB" if total_memory else "")
+        return limits
 
     def _load_draft_model(self, spec: SpeculativeConfig) -> torch.nn.Module:
         draft_dir = resolve_model(spec.model)
@@ -115,7 +126,7 @@ class Worker:
             return lambda batch: NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max,
                                                spec.num_speculative_tokens)
         return lambda batch: DraftModelProposer(self.draft_model, draft_kv_caches, batch, self.config.block_size,
-                                                self.config.max_num_batched_tokens, spec.num_speculative_tokens,
+                                                self.max_num_batched_tokens, spec.num_speculative_tokens,
                                                 self.device,
                                                 use_cuda_graphs=not self.config.enforce_eager)
 
@@ -150,7 +161,7 @@ class Worker:
         from workers.profiling import peak_forward_memory
 
         total = torch.cuda.get_device_properties(self.device).total_memory
-        peak = peak_forward_memory(self.model, self.config.max_num_batched_tokens, self.device)
+        peak = peak_forward_memory(self.model, self.max_num_batched_tokens, self.device)
         return int(total * self.config.gpu_memory_utilization) - peak
 
     def model_info(self) -> ModelInfo:
@@ -160,6 +171,8 @@ class Worker:
             vocab_size=self.vocab_size,
             eos_token_ids=self.eos_token_ids,
             num_kv_blocks=self.num_kv_blocks,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
         )
