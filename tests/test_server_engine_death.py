@@ -139,10 +139,12 @@ def test_a_killed_engine_is_replaced_and_a_crash_loop_ends_the_server():
 def test_sigterm_drains_requests_in_progress_then_exits_0():
     # Its own process group, signalled as a whole as systemd or `timeout` do: the engine core
     # gets the SIGTERM too, and must keep serving until the server has drained.
-    server = ServerProcess("--max-model-len", "512", "--api-key", API_KEY, "--shutdown-timeout", "3",
+    # 5 s: ample for the short requests on a loaded 2-core machine, far too little for the long
+    # streams' remaining 400-odd tokens.
+    server = ServerProcess("--max-model-len", "512", "--api-key", API_KEY, "--shutdown-timeout", "5",
                            new_session=True)
     try:
-        long_streams = start_streams(server, 3, {**LONG_CHAT, "stream": True})
+        long_streams = start_streams(server, 3, {**LONG_CHAT, "stream": True, "max_tokens": 470})
         short = [RawPost(server.port, {**LONG_CHAT, "max_tokens": 8}) for _ in range(3)]
         for post in short:
             post.start()
