@@ -21,7 +21,8 @@ import time
 import numpy as np
 import torch
 
-from load_tests.throughput import measure_device, model_costs, qwen3_0_6b_config
+from load_tests.shapes import shape_config
+from load_tests.throughput import measure_device, model_costs
 
 _WARMUP_STEPS = 8
 
@@ -104,7 +105,7 @@ def main() -> None:
 
     from engine_core.llm import LLM
 
-    config = qwen3_0_6b_config()
+    config = shape_config("qwen3-0.6b")
     model_dir = tempfile.mkdtemp(prefix="qwen3-0.6b-random-")
     torch.manual_seed(0)
     hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

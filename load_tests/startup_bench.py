@@ -14,34 +14,21 @@ import argparse
 import tempfile
 import time
 
-# Llama 3.1 with its llama3 RoPE scaling; untied embeddings.
-_LLAMA_3_1 = dict(vocab_size=128256, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
-                  max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-SHAPES = {
-    "llama-3.1-8b": dict(_LLAMA_3_1, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                         intermediate_size=14336),
-    "llama-3.1-70b": dict(_LLAMA_3_1, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
-                          intermediate_size=28672),
-}
-
+from load_tests.shapes import SHAPES, shape_config
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b", help="load_tests/shapes.py")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--distributed-executor-backend", choices=("uni", "mp"), default=None)
     parser.add_argument("--max-model-len", type=int, default=4096)
     args = parser.parse_args()
 
-    from transformers import LlamaConfig
-
     from engine_core.llm import LLM
     from engine_core.protocol import SamplingParams
 
     model_dir = tempfile.mkdtemp(prefix=f"{args.shape}-config-")
-    LlamaConfig(**SHAPES[args.shape], architectures=["LlamaForCausalLM"], torch_dtype="bfloat16").save_pretrained(model_dir)
+    shape_config(args.shape).save_pretrained(model_dir)
     start = time.perf_counter()
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               tensor_parallel_size=args.tensor_parallel_size,

@@ -23,6 +23,8 @@ import time
 import numpy as np
 import torch
 
+from load_tests.shapes import SHAPES, shape_config
+
 
 
 def measure_device() -> tuple[float, float]:
@@ -52,19 +54,12 @@ def reference_workload(num_seqs: int = 256) -> tuple[list[list[int]], list[int]]
     return prompts, output_lens
 
 
-def qwen3_0_6b_config():
-    from transformers import Qwen3Config
-    return Qwen3Config(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                       head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True,
-                       max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1_000_000,
-                       torch_dtype="bfloat16")
-
-
 def model_costs(config) -> tuple[int, int, int]:
     """A bf16 forward's costs: bytes of the weights it reads, KV bytes per token of context,
     and matmul FLOPs per token in the layers (the LM head's come on top for tokens that sample)."""
     h, layers = config.hidden_size, config.num_hidden_layers
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     layer_params = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
     weight_bytes = (layers * layer_params + config.vocab_size * h) * 2
     return weight_bytes, layers * 2 * kv * 2, 2 * layers * layer_params
@@ -199,9 +194,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--hf-num-seqs", type=int, default=32, help="sequences given to transformers (0: skip)")
-    parser.add_argument("--shape", choices=("qwen3-0.6b", "llama-3.1-8b"), default="qwen3-0.6b",
-                        help="llama-3.1-8b: random weights made on the device (--load-format dummy), no "
-                             "transformers run (default: %(default)s)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b",
+                        help="the model shape (load_tests/shapes.py); any but qwen3-0.6b runs with random weights "
+                             "made on the device (--load-format dummy) and without transformers (default: %(default)s)")
     parser.add_argument("--max-num-seqs", type=int, help="default: the engine's, from the device")
     parser.add_argument("--max-num-batched-tokens", type=int, help="default: the engine's, from the device")
     parser.add_argument("--block-size", type=int, help="KV cache block size (default: the engine's)")
@@ -218,17 +213,12 @@ def main() -> None:
     prompts, output_lens = reference_workload()
     prompts, output_lens = prompts[:args.num_seqs], output_lens[:args.num_seqs]
     model_dir = tempfile.mkdtemp(prefix=f"{args.shape}-random-")
+    config = shape_config(args.shape)
     if args.shape == "qwen3-0.6b":
-        config = qwen3_0_6b_config()
         torch.manual_seed(0)
         hf_model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
         hf_model.save_pretrained(model_dir)
-    else:  # 16 GB of weights: made on the device from config.json alone
-        from transformers import LlamaConfig
-
-        from load_tests.startup_bench import SHAPES
-
-        config = LlamaConfig(**SHAPES[args.shape], architectures=["LlamaForCausalLM"], torch_dtype="bfloat16")
+    else:  # gigabytes of weights: made on the device from config.json alone
         config.save_pretrained(model_dir)
         args.hf_num_seqs = 0
     print(f"workload: {len(prompts)} seqs, {sum(map(len, prompts))} prompt tokens, {sum(output_lens)} output tokens")
