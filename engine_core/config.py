@@ -23,6 +23,10 @@ CPU_SCHEDULING_LIMITS = (128, 2048)
 GPU_SCHEDULING_LIMITS = (256, 8192)
 LARGE_GPU_SCHEDULING_LIMITS = (256, 16384)
 LARGE_GPU_MEMORY = 70 << 30  # bytes: H100, H200, A100-80GB and up
+# Far beyond any useful step, and small enough that the workers' per-request and per-token
+# buffers (sized by these) are never a memory error instead of a clear one.
+MAX_NUM_SEQS = 16384
+MAX_BATCHED_TOKENS = 1 << 20
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in float32
 
 
@@ -113,9 +117,11 @@ class EngineConfig(msgspec.Struct, omit_defaults=True):
         check_arg(self.block_size in BLOCK_SIZES, "block_size", self.block_size,
                   f"{', '.join(map(str, BLOCK_SIZES[:-1]))} or {BLOCK_SIZES[-1]}")
         if self.max_num_batched_tokens is not None:
-            check_arg(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
+            check_arg(1 <= self.max_num_batched_tokens <= MAX_BATCHED_TOKENS, "max_num_batched_tokens",
+                      self.max_num_batched_tokens, f"in [1, {MAX_BATCHED_TOKENS}]")
         if self.max_num_seqs is not None:
-            check_arg(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
+            check_arg(1 <= self.max_num_seqs <= MAX_NUM_SEQS, "max_num_seqs", self.max_num_seqs,
+                      f"in [1, {MAX_NUM_SEQS}]")
         if self.max_model_len is not None:
             check_arg(self.max_model_len >= 1, "max_model_len", self.max_model_len, ">= 1")
         if self.kv_cache_memory is not None:

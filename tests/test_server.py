@@ -236,6 +236,11 @@ def test_bad_engine_arguments_fail_before_loading_anything():
     assert result.returncode == 2 and "invalid choice: 'ray'" in result.stderr
     result = octavo("serve", "--distributed-executor-backend", "uni", "-tp", "2")
     assert result.returncode == 2 and "distributed_executor_backend must be 'mp' or None" in result.stderr
+    for flag, size, bound in (("--max-num-seqs", "1000000000", 16384), ("--max-num-seqs", "0", 16384),
+                              ("--max-num-batched-tokens", "99999999999", 1 << 20)):
+        result = octavo("serve", flag, size)
+        field = flag.removeprefix("--").replace("-", "_")
+        assert result.returncode == 2 and f"{field} must be in [1, {bound}], got {size}" in result.stderr
     result = octavo("serve", "--load-format", "pt")
     assert result.returncode == 2 and "invalid choice: 'pt'" in result.stderr
 
