@@ -61,6 +61,17 @@ LogitBiasValue = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]
 GREEDY_TEMPERATURE = 1e-5
 
 
+class StructuredOutputsParams(msgspec.Struct, **_STRUCT):
+    """A constraint on a request's output, enforced by a grammar during sampling (vLLM's
+    `structured_outputs`). Exactly one field is set."""
+
+    json: str | None = None  # a JSON schema, serialized
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: list[str] | None = None  # exactly one of these strings
+    grammar: str | None = None  # EBNF (GBNF)
+
+
 class SamplingParams(msgspec.Struct, **_STRUCT):
     """Per-request sampling and stopping controls, as in vLLM (OpenAI's plus vLLM's extras).
 
@@ -88,6 +99,7 @@ class SamplingParams(msgspec.Struct, **_STRUCT):
     ignore_eos: bool = False
     logprobs: NumLogprobs | None = None  # number of top alternatives besides the sampled token
     prompt_logprobs: NumLogprobs | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # msgspec runs this on construction, on `msgspec.structs.replace` and on decoding, so
