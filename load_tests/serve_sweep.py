@@ -50,6 +50,33 @@ def start_server(model: str, port: int, server_args: list[str], log_path: Path,
     raise RuntimeError(f"the server did not start in {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")
 
 
+# Server-side histograms whose means split TTFT: arrival -> first scheduled (queue) and first
+# scheduled -> first token (prefill), as the frontend records them.
+SPLIT_HISTOGRAMS = ("time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds")
+
+
+def scrape_sums(base_url: str) -> dict[str, tuple[float, float]]:
+    """{histogram: (sum, count)} from the server's /metrics."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    sums: dict[str, list[float]] = {name: [0.0, 0.0] for name in SPLIT_HISTOGRAMS}
+    for line in text.splitlines():
+        for name in SPLIT_HISTOGRAMS:
+            for index, suffix in enumerate(("_sum{", "_count{")):
+                if line.startswith(f"octavo:{name}{suffix}"):
+                    sums[name][index] = float(line.rsplit(" ", 1)[1])
+    return {name: (total, count) for name, (total, count) in sums.items()}
+
+
+def latency_split(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> str:
+    """Mean server-side TTFT, queue and prefill times (ms) between two scrapes."""
+    means = []
+    for name in SPLIT_HISTOGRAMS:
+        count = after[name][1] - before[name][1]
+        means.append(1000 * (after[name][0] - before[name][0]) / count if count else float("nan"))
+    return "server means: TTFT {:.0f} ms = queue {:.0f} ms + prefill {:.0f} ms".format(*means)
+
+
 def row(rate: float, s: dict[str, Any]) -> str:
     return (f"| {rate:g} | {s['request_throughput']:.2f} | {s['output_throughput']:,.0f} | "
             f"{s['median_ttft_ms']:.0f} / {s['p99_ttft_ms']:.0f} | "
@@ -85,9 +112,10 @@ def main() -> int:
                 "--base-url", base_url, "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
                 "--output-len", str(args.output_len), "--ignore-eos", "--request-rate", str(rate),
                 "--disable-tqdm", "--result-file", str(out / f"rate-{rate:g}.json")])
+            before = scrape_sums(base_url)
             results[f"{rate:g}"] = summary = asyncio.run(serve_bench.bench(bench_args))
             rows.append(row(rate, summary))
-            print(rows[-1], flush=True)
+            print(rows[-1], latency_split(before, scrape_sums(base_url)), sep="\n", flush=True)
         if args.soak:
             soak_args = soak.parse_args(["--base-url", base_url, "--duration", str(args.soak),
                                          "--server-pid", str(server.pid), "--max-concurrency", "64",
