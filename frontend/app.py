@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import hmac
-import importlib.metadata
 import logging
 import time
 from typing import Awaitable, Callable
@@ -20,6 +19,7 @@ from frontend.prompts import chat_prompt, check_in_vocabulary, text_prompt
 from frontend.request_body import decode_body
 from frontend.responses import json_response
 from frontend.server_state import ServerState
+from frontend.version import octavo_version
 from frontend.serving_chat import create_chat_completion
 from frontend.serving_completion import create_completion
 from metrics.prometheus import PrometheusStatLogger
@@ -79,7 +79,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    return json_response({"version": importlib.metadata.version("octavo")})
+    return json_response({"version": octavo_version()})
 
 
 async def list_models(request: web.Request) -> web.Response:

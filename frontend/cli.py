@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ from engine_core.config import (
     SpeculativeConfig,
 )
 from frontend.engine_supervisor import RestartPolicy
+from frontend.version import octavo_version
 
 # Enough for bursts; bounded so that overload answers 503 instead of queueing without end.
 DEFAULT_MAX_WAITING_REQUESTS = 1024
@@ -154,7 +154,7 @@ ENGINE_FLAGS = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="octavo", description="Octavo: an OpenAI-compatible LLM server.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('octavo')}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {octavo_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve", help="serve a model over the OpenAI API",

@@ -46,8 +46,9 @@ def start_server(model: str, port: int, server_args: list[str], log_path: Path,
                     return proc
         except OSError:
             time.sleep(1.0)
+    why = f"exited with {proc.returncode}" if proc.poll() is not None else f"did not start in {timeout:.0f} s"
     proc.kill()
-    raise RuntimeError(f"the server did not start in {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")
+    raise RuntimeError(f"the server {why}:\n{log_path.read_text()[-4000:]}")
 
 
 # Server-side histograms whose means split TTFT: arrival -> first scheduled (queue) and first
