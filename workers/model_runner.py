@@ -127,8 +127,16 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Run eager steps of a few shapes so that every Triton kernel variant they need
         (specialized on 1, multiples of 16, or neither) compiles now rather than mid-serving."""
-        width = block_table_width(1, self.batch.block_table.shape[1])
-        for num_reqs, tokens_per_req in ((1, 17), (2, 8), (3, 5), (16, 16), (16, 1), (3, 1)):
+        max_width = self.batch.block_table.shape[1]
+        shapes = [(num_reqs, tokens_per_req, block_table_width(1, max_width))
+                  for num_reqs, tokens_per_req in ((1, 17), (2, 8), (3, 5), (16, 16), (16, 1), (3, 1))]
+        # Decode-shaped steps split the KV range of their longest request in up to 16 (the
+        # attention kernel's NUM_SPLITS, a compile-time constant, grows with the block table's
+        # width): one step per width from 16 blocks to 512 compiles every split count. Without
+        # this, an eager mixed step of long requests compiled one mid-run: a 0.95 s stall
+        # (H200, the Qwen2.5-1.5B shape).
+        shapes += [(1, 1, block_table_width(16 << i, max_width)) for i in range(6)]
+        for num_reqs, tokens_per_req, width in shapes:
             num_tokens = num_reqs * tokens_per_req
             inputs = StepInputs(
                 input_ids=np.zeros(num_tokens, dtype=np.int64),
