@@ -31,11 +31,22 @@ def max_tokens(batch: int, context_len: int, num_steps: int, max_num_batched_tok
     """Output tokens each request may need: those finishing their prompt early decode while the
     others prefill, then come the warm-up and the timed steps (and the steps in flight)."""
     num_prefill_steps = -(-batch * context_len // max_num_batched_tokens) + 1
-    return num_prefill_steps + _WARMUP_STEPS + num_steps + 4
+    return num_prefill_steps + _WARMUP_STEPS + 2 * num_steps + 4  # timed, then profiled
+
+
+def print_step_kernels(profiler: torch.profiler.profile, num_steps: int, batch: int, top: int = 25) -> None:
+    """The device kernels of one step: microseconds and launches per step, largest first."""
+    kernels = [e for e in profiler.key_averages() if e.device_time_total > 0]
+    kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in kernels) / num_steps
+    print(f"batch {batch}: {total:.1f} us of kernels per step, "
+          f"{sum(e.count for e in kernels) / num_steps:.0f} launches")
+    for e in kernels[:top]:
+        print(f"  {e.device_time_total / num_steps:8.1f} us {e.count / num_steps:6.1f}x  {e.key[:90]}")
 
 
 def octavo_step_seconds(llm, batch: int, context_len: int, num_steps: int,
-                        max_num_batched_tokens: int) -> tuple[float, int]:
+                        max_num_batched_tokens: int, profile: bool = False) -> tuple[float, int]:
     """Seconds per decode step of `batch` requests, and the mean total context of those steps."""
     from engine_core.protocol import EngineCoreRequest, SamplingParams
 
@@ -64,6 +75,12 @@ def octavo_step_seconds(llm, batch: int, context_len: int, num_steps: int,
         engine.step()
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / num_steps
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            for _ in range(num_steps):
+                engine.step()
+            torch.cuda.synchronize()
+        print_step_kernels(profiler, num_steps, batch)
     while engine.has_unfinished_requests():
         engine.step()
     return seconds, total_context + batch * (num_steps - 1) // 2
@@ -97,6 +114,7 @@ def main() -> None:
                         help="mp: the worker in a process of its own (the tensor-parallel path at size 1)")
     parser.add_argument("--hf-batch-sizes", type=int, nargs="*", default=None,
                         help="those of --batch-sizes transformers runs (default: all; none: skip it)")
+    parser.add_argument("--profile", action="store_true", help="print each batch size's kernels per step")
     args = parser.parse_args()
     hf_batch_sizes = args.batch_sizes if args.hf_batch_sizes is None else \
         [batch for batch in args.hf_batch_sizes if batch in args.batch_sizes]
@@ -122,7 +140,8 @@ def main() -> None:
                                                           args.num_steps, budget))
     rows = {}
     for batch in args.batch_sizes:
-        seconds, total_context = octavo_step_seconds(llm, batch, args.context_len, args.num_steps, budget)
+        seconds, total_context = octavo_step_seconds(llm, batch, args.context_len, args.num_steps, budget,
+                                                     args.profile)
         roofline = max((weight_bytes + total_context * kv_bytes_per_token) / bandwidth,
                        batch * (layer_flops_per_token + lm_head_flops) / matmul_flops)
         rows[batch] = {"octavo": seconds, "roofline": roofline, "context": total_context / batch}
