@@ -128,3 +128,15 @@ def test_tensor_parallel_2_matches_transformers(tmp_path):
     for name in CONFIGS:
         for rank in range(2):
             assert_close(torch.load(out_dir / f"{name}-tp2-rank{rank}.pt")["logits"], expected[name], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_dummy_load_format_serves_a_config_alone(name, tmp_path):
+    """--load-format dummy: random weights in the MoE shapes from config.json alone."""
+    CONFIGS[name].save_pretrained(tmp_path)
+    model = load_model(tmp_path, torch.float32, CPU, dummy=True)
+    experts = model.model.layers[first_sparse_layer(CONFIGS[name])].mlp.experts
+    assert experts.gate_up_proj.weight.abs().max() > 0 and experts.down_proj.weight.abs().max() > 0
+    llm = LLM(str(tmp_path), load_format="dummy", kv_cache_memory=1 << 24)
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4
