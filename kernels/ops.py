@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import reference
+from kernels import moe_reference, reference
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -54,6 +54,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if _use_triton(x):
         return _triton_kernels().silu_and_mul(x)
     return reference.silu_and_mul(x)
+
+
+def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """The experts' feed-forward of each token, weighted by its router weights and summed over
+    its top k; see kernels.moe_reference.fused_moe for shapes and semantics."""
+    if _use_triton(hidden):
+        from kernels.triton_moe import fused_moe as triton_fused_moe
+        return triton_fused_moe(hidden, w13, w2, topk_weights, topk_ids)
+    return moe_reference.fused_moe(hidden, w13, w2, topk_weights, topk_ids)
 
 
 def sample_gumbel(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:

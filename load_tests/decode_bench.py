@@ -3,12 +3,16 @@ Octavo's engine and through transformers on the same model and GPU, against the 
 
     python -m load_tests.decode_bench                    # Qwen3-0.6B shape, random bf16 weights
     python -m load_tests.decode_bench --batch-sizes 1 64 --context-len 2048 --hf-batch-sizes
+    python -m load_tests.decode_bench --shape qwen3-30b-a3b --hf-batch-sizes 1 16 64
 
 Octavo's step is `EngineCore.step` in its steady state: B requests decoding, CUDA graphs,
 sampling at temperature 0.6, async scheduling; the figure is the wall time of many steps over
 their number. transformers' step is one `forward` of B tokens over its KV cache of the same
 context, then the argmax, timed alone. The roofline is the larger of (weights + every
-request's KV) / copy bandwidth and FLOPs / matmul rate, both measured in the same run.
+request's KV) / copy bandwidth and FLOPs / matmul rate, both measured in the same run; of a
+mixture of experts it counts the experts a batch of B tokens is expected to touch
+(`load_tests.throughput.weight_bytes_touched`). Shapes other than Qwen3-0.6B get random weights
+made on the device (Octavo: --load-format dummy; transformers: its own random init).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import time
 import numpy as np
 import torch
 
-from load_tests.shapes import shape_config
-from load_tests.throughput import measure_device, model_costs
+from load_tests.shapes import SHAPES, shape_config
+from load_tests.throughput import measure_device, model_costs, weight_bytes_touched
 
 _WARMUP_STEPS = 8
 
@@ -106,6 +110,8 @@ def transformers_step_seconds(model, batch: int, context_len: int, num_steps: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b",
+                        help="the model shape (load_tests/shapes.py; default: %(default)s)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     parser.add_argument("--context-len", type=int, default=1024, help="prompt tokens per request")
     parser.add_argument("--num-steps", type=int, default=64, help="timed Octavo steps per batch size")
@@ -123,26 +129,31 @@ def main() -> None:
 
     from engine_core.llm import LLM
 
-    config = shape_config("qwen3-0.6b")
-    model_dir = tempfile.mkdtemp(prefix="qwen3-0.6b-random-")
+    config = shape_config(args.shape)
+    model_dir = tempfile.mkdtemp(prefix=f"{args.shape}-random-")
     torch.manual_seed(0)
-    hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    hf_model.save_pretrained(model_dir)
+    small = args.shape == "qwen3-0.6b"
+    if small:
+        hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        hf_model.save_pretrained(model_dir)
+    else:  # gigabytes of weights: made on the device, after Octavo has given it back
+        config.save_pretrained(model_dir)
     bandwidth, matmul_flops = measure_device()
     torch.cuda.empty_cache()
-    weight_bytes, kv_bytes_per_token, layer_flops_per_token = model_costs(config)
+    _, kv_bytes_per_token, layer_flops_per_token = model_costs(config)
     lm_head_flops = 2 * config.vocab_size * config.hidden_size
 
     budget = args.max_num_batched_tokens
     llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=budget,
               distributed_executor_backend=args.distributed_executor_backend,
+              load_format="auto" if small else "dummy",
               max_model_len=args.context_len + max_tokens(max(args.batch_sizes), args.context_len,
                                                           args.num_steps, budget))
     rows = {}
     for batch in args.batch_sizes:
         seconds, total_context = octavo_step_seconds(llm, batch, args.context_len, args.num_steps, budget,
                                                      args.profile)
-        roofline = max((weight_bytes + total_context * kv_bytes_per_token) / bandwidth,
+        roofline = max((weight_bytes_touched(config, batch) + total_context * kv_bytes_per_token) / bandwidth,
                        batch * (layer_flops_per_token + lm_head_flops) / matmul_flops)
         rows[batch] = {"octavo": seconds, "roofline": roofline, "context": total_context / batch}
     llm.engine.shutdown()
@@ -151,13 +162,18 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     if hf_batch_sizes:
-        hf_model = hf_model.to("cuda").eval()
+        if small:
+            hf_model = hf_model.to("cuda")
+        else:
+            with torch.device("cuda"):
+                hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        hf_model.eval()
         for batch in hf_batch_sizes:
             rows[batch]["transformers"] = transformers_step_seconds(hf_model, batch, args.context_len)
             torch.cuda.empty_cache()
 
     print(f"\n{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul "
-          f"{matmul_flops / 1e12:.0f} TFLOP/s; Qwen3-0.6B shape, bf16, {args.context_len}-token prompts")
+          f"{matmul_flops / 1e12:.0f} TFLOP/s; {args.shape} shape, bf16, {args.context_len}-token prompts")
     print(f"{'batch':>5} {'context':>8} {'roofline ms':>12} {'octavo ms':>10} {'tok/s':>9} {'of roofline':>12} "
           f"{'transformers ms':>16} {'octavo is':>10}")
     for batch, r in rows.items():

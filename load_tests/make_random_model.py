@@ -3,6 +3,8 @@ where real weights cannot be had (the GPU machine has no network).
 
     python -m load_tests.make_random_model /tmp/qwen3-0.6b-random          # Qwen3-0.6B shape, bf16
     python -m load_tests.make_random_model /tmp/tiny-random --tiny         # a few MB, for CPU tests
+    python -m load_tests.make_random_model /tmp/a3b-4l --shape qwen3-30b-a3b --num-layers 4   # any shape of
+                                                                           # load_tests/shapes.py, fewer layers
 
 The server needs a tokenizer whose vocabulary covers every id a random model may generate
 (151,936 for Qwen3): a borrowed smaller one could not decode the high ids. So this writes its
@@ -17,7 +19,10 @@ import argparse
 
 import torch
 
+from load_tests.shapes import SHAPES, shape_config
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SPECIAL_TOKENS_START = 256  # after the byte symbols: <|endoftext|>'s id, the eos
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -31,7 +36,7 @@ def qwen3_config(tiny: bool):
              intermediate_size=3072)
     return Qwen3Config(**shape, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=40960,
                        rms_norm_eps=1e-6, rope_theta=1_000_000, bos_token_id=None, pad_token_id=None,
-                       eos_token_id=256, dtype="bfloat16")
+                       eos_token_id=SPECIAL_TOKENS_START, dtype="bfloat16")
 
 
 def byte_level_tokenizer(vocab_size: int):
@@ -54,12 +59,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--tiny", action="store_true", help="2 layers of width 64 (same vocabulary)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="a shape of load_tests/shapes.py instead of "
+                        "Qwen3-0.6B's (its eos id becomes the tokenizer's)")
+    parser.add_argument("--num-layers", type=int, help="keep only this many layers of the shape")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
 
-    config = qwen3_config(args.tiny)
+    if args.shape:
+        config = shape_config(args.shape)
+        config.bos_token_id = config.pad_token_id = None
+        config.eos_token_id = SPECIAL_TOKENS_START
+    else:
+        config = qwen3_config(args.tiny)
+    if args.num_layers:
+        config.num_hidden_layers = args.num_layers
     torch.manual_seed(args.seed)
     # Random initialization of 0.6B parameters is much faster on a GPU, where there is one.
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):

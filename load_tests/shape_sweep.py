@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from load_tests.shapes import SHAPES, shape_config
-from load_tests.throughput import measure_device, model_costs, reference_workload, roofline_seconds
+from load_tests.throughput import (measure_device, model_costs, reference_workload, roofline_seconds,
+                                   weight_bytes_touched)
 
 _ONE_GPU_SHAPES = [name for name in SHAPES if name != "llama-3.1-70b"]
 _DECODE_TOKENS = 256
@@ -45,12 +46,12 @@ def measure_shape(name: str, prompts: list[list[int]], output_lens: list[int], b
     del llm
     gc.collect()
     torch.cuda.empty_cache()
-    weight_bytes, kv_bytes_per_token, _ = model_costs(config)
+    _, kv_bytes_per_token, _ = model_costs(config)
     return {"tok_per_s": sum(output_lens) / seconds,
             "roofline_tok_per_s": sum(output_lens) / roofline_seconds(
                 config, np.array(list(map(len, prompts))), np.array(output_lens), bandwidth, matmul_flops),
             "step_ms": step * 1e3,
-            "step_roofline_ms": (weight_bytes + (128 + _DECODE_TOKENS / 2) * kv_bytes_per_token) / bandwidth * 1e3}
+            "step_roofline_ms": (weight_bytes_touched(config, 1) + (128 + _DECODE_TOKENS / 2) * kv_bytes_per_token) / bandwidth * 1e3}
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
-"""Dense model shapes people serve, as transformers configs: the benchmarks build random-weight
-checkpoints from them (or, with `--load-format dummy`, only a config.json). Together they
-span head_dim 64 and 128, GQA ratios 1 to 8, hidden 1024 to 8192, tied and untied
-embeddings, and vocabularies of 32k to 152k."""
+"""Model shapes people serve, as transformers configs: the benchmarks build random-weight
+checkpoints from them (or, with `--load-format dummy`, only a config.json). Together the dense
+ones span head_dim 64 and 128, GQA ratios 1 to 8, hidden 1024 to 8192, tied and untied
+embeddings, and vocabularies of 32k to 152k; two mixtures of experts follow (128 small experts,
+top-8; 8 large experts, top-2)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,19 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-3.1-70b": ("LlamaForCausalLM", dict(_LLAMA3, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                                                num_key_value_heads=8, head_dim=128, intermediate_size=28672,
                                                tie_word_embeddings=False, rope_scaling=_LLAMA3_1_ROPE)),
+    "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", dict(_QWEN, hidden_size=2048, num_hidden_layers=48,
+                                                  num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                                  intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                                                  num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                                                  mlp_only_layers=[], tie_word_embeddings=False)),
+    "mixtral-8x7b": ("MixtralForCausalLM", dict(vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                                                rope_theta=1_000_000.0, hidden_size=4096, num_hidden_layers=32,
+                                                num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                                                num_local_experts=8, num_experts_per_tok=2, sliding_window=None,
+                                                tie_word_embeddings=False)),
 }
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+               "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"}
 
 
 def shape_config(name: str) -> Any:
@@ -45,5 +58,4 @@ def shape_config(name: str) -> Any:
     from transformers import AutoConfig
 
     architecture, kwargs = SHAPES[name]
-    model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}[architecture]
-    return AutoConfig.for_model(model_type, architectures=[architecture], torch_dtype="bfloat16", **kwargs)
+    return AutoConfig.for_model(MODEL_TYPES[architecture], architectures=[architecture], torch_dtype="bfloat16", **kwargs)

@@ -3,11 +3,14 @@ Hugging Face transformers on the same model and GPU, and against the workload's 
 
     python -m load_tests.throughput                      # Qwen3-0.6B shape, random bf16 weights
     python -m load_tests.throughput --hf-num-seqs 0      # Octavo only
+    python -m load_tests.throughput --shape qwen3-30b-a3b --hf-num-seqs 8   # a mixture of experts
 
 The workload: 256 sequences, prompt lengths uniform in [100, 1024] of random token ids below
 10000, output lengths uniform in [100, 1024], ignore_eos, temperature 0.6, seeded with
 random.seed(0). Throughput = output tokens / wall time of one generate call after a warm-up.
-transformers runs the first --hf-num-seqs sequences only (it is ~30x slower).
+transformers runs the first --hf-num-seqs sequences only (it is ~30x slower). Shapes other than
+Qwen3-0.6B get random weights made on the device: Octavo's by --load-format dummy, and
+transformers' (only if --hf-num-seqs is given) by its own init after Octavo has shut down.
 """
 
 from __future__ import annotations
@@ -54,27 +57,65 @@ def reference_workload(num_seqs: int = 256) -> tuple[list[list[int]], list[int]]
     return prompts, output_lens
 
 
+def moe_shape(config) -> tuple[int, int, int, int]:
+    """(sparse layers, experts per layer, experts per token, parameters of one expert); all 0
+    for a dense model. Mixtral's experts are `intermediate_size` wide and every layer is sparse;
+    Qwen3-MoE's are `moe_intermediate_size` wide, its dense layers `intermediate_size`."""
+    num_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
+    if not num_experts:
+        return 0, 0, 0, 0
+    if config.model_type == "mixtral":
+        return config.num_hidden_layers, num_experts, config.num_experts_per_tok, 3 * config.hidden_size * \
+            config.intermediate_size
+    sparse = sum(1 for i in range(config.num_hidden_layers)
+                 if i not in config.mlp_only_layers and (i + 1) % config.decoder_sparse_step == 0)
+    return sparse, num_experts, config.num_experts_per_tok, 3 * config.hidden_size * config.moe_intermediate_size
+
+
 def model_costs(config) -> tuple[int, int, int]:
-    """A bf16 forward's costs: bytes of the weights it reads, KV bytes per token of context,
-    and matmul FLOPs per token in the layers (the LM head's come on top for tokens that sample)."""
+    """A bf16 forward's costs: bytes of all its weights (every expert of a mixture of experts:
+    `weight_bytes_touched` counts those a step reads), KV bytes per token of context, and matmul
+    FLOPs per token in the layers (the k experts a token uses; the LM head's come on top for
+    tokens that sample)."""
     h, layers = config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    layer_params = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
-    weight_bytes = (layers * layer_params + config.vocab_size * h) * 2
-    return weight_bytes, layers * 2 * kv * 2, 2 * layers * layer_params
+    sparse, num_experts, top_k, expert_params = moe_shape(config)
+    # Attention in every layer, a dense MLP in the others, a router in the sparse ones.
+    dense_params = layers * (h * (q + 2 * kv) + q * h) + (layers - sparse) * 3 * h * config.intermediate_size \
+        + sparse * h * num_experts
+    weight_bytes = (dense_params + sparse * num_experts * expert_params + config.vocab_size * h) * 2
+    return weight_bytes, layers * 2 * kv * 2, 2 * (dense_params + sparse * top_k * expert_params)
+
+
+def weight_bytes_touched(config, num_tokens: int) -> float:
+    """Expected bytes of weights a forward of `num_tokens` tokens reads: every dense weight,
+    and of each sparse layer's experts only those some token is routed to. Under uniform
+    routing a token's k experts are a uniformly random k-subset of the E, so a given expert is
+    missed by one token with probability 1 - k/E, and by all B tokens (chosen independently)
+    with probability (1 - k/E)^B; by linearity of expectation a layer touches
+    E * (1 - (1 - k/E)^B) experts on average (k at B = 1, nearly E once B * k >> E). The
+    roofline's time is linear in bytes, so this expectation is the expected time's too. Real
+    routers are skewed, which touches fewer experts: a bound for uniform load, not a floor."""
+    weight_bytes = model_costs(config)[0]
+    sparse, num_experts, top_k, expert_params = moe_shape(config)
+    if not sparse:
+        return weight_bytes
+    untouched = num_experts * (1 - top_k / num_experts) ** num_tokens
+    return weight_bytes - sparse * untouched * expert_params * 2
 
 
 def roofline_seconds(config, prompt_lens: np.ndarray, output_lens: np.ndarray, bandwidth: float,
                      matmul_flops: float) -> float:
-    """Every sequence decoding in one batch: each step reads the weights once plus every active
-    sequence's KV at the copy bandwidth; prefill runs at the matmul rate. A bound no engine
-    reaches, for scale."""
-    weight_bytes, kv_bytes_per_token, layer_flops_per_token = model_costs(config)
+    """Every sequence decoding in one batch: each step reads the weights once (of a mixture of
+    experts, the experts its batch touches) plus every active sequence's KV at the copy
+    bandwidth; prefill runs at the matmul rate. A bound no engine reaches, for scale."""
+    _, kv_bytes_per_token, layer_flops_per_token = model_costs(config)
     seconds = 0.0
     for step in range(int(output_lens.max())):
         active = output_lens > step
-        seconds += (weight_bytes + (prompt_lens[active] + step).sum() * kv_bytes_per_token) / bandwidth
+        seconds += (weight_bytes_touched(config, int(active.sum()))
+                    + (prompt_lens[active] + step).sum() * kv_bytes_per_token) / bandwidth
     return seconds + layer_flops_per_token * prompt_lens.sum() / matmul_flops
 
 
@@ -193,10 +234,11 @@ def run_hf_static(model, prompts, output_lens, batch_size: int = 64) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-seqs", type=int, default=256)
-    parser.add_argument("--hf-num-seqs", type=int, default=32, help="sequences given to transformers (0: skip)")
+    parser.add_argument("--hf-num-seqs", type=int,
+                        help="sequences given to transformers (0: skip; default: 32 for qwen3-0.6b, else 0)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b",
                         help="the model shape (load_tests/shapes.py); any but qwen3-0.6b runs with random weights "
-                             "made on the device (--load-format dummy) and without transformers (default: %(default)s)")
+                             "made on the device (--load-format dummy) (default: %(default)s)")
     parser.add_argument("--max-num-seqs", type=int, help="default: the engine's, from the device")
     parser.add_argument("--max-num-batched-tokens", type=int, help="default: the engine's, from the device")
     parser.add_argument("--block-size", type=int, help="KV cache block size (default: the engine's)")
@@ -214,13 +256,15 @@ def main() -> None:
     prompts, output_lens = prompts[:args.num_seqs], output_lens[:args.num_seqs]
     model_dir = tempfile.mkdtemp(prefix=f"{args.shape}-random-")
     config = shape_config(args.shape)
+    hf_model = None
+    if args.hf_num_seqs is None:
+        args.hf_num_seqs = 32 if args.shape == "qwen3-0.6b" else 0
     if args.shape == "qwen3-0.6b":
         torch.manual_seed(0)
         hf_model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
         hf_model.save_pretrained(model_dir)
     else:  # gigabytes of weights: made on the device from config.json alone
         config.save_pretrained(model_dir)
-        args.hf_num_seqs = 0
     print(f"workload: {len(prompts)} seqs, {sum(map(len, prompts))} prompt tokens, {sum(output_lens)} output tokens")
 
     bandwidth, matmul_flops = measure_device()
@@ -233,6 +277,9 @@ def main() -> None:
         import gc
         gc.collect()
         torch.cuda.empty_cache()
+        if hf_model is None:
+            with torch.device("cuda"):
+                hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         hf_model = hf_model.to("cuda").eval()
         n = args.hf_num_seqs
         results.append(run_hf_continuous(hf_model, prompts[:n], output_lens[:n]))

@@ -61,3 +61,14 @@ def run_rank(rank: int, init_method: str, checkpoints: dict[str, Path],
                     "tied": model.lm_head.weight is model.model.embed_tokens.weight},
                    out_dir / f"{name}-tp{group.world_size}-rank{group.rank}.pt")
     dist.destroy_process_group()
+
+
+def run_pair(rank: int, init_method: str, checkpoints: dict[str, Path], sequences: list[list[int]],
+             out_dir: Path) -> None:
+    """One of 2 processes: every checkpoint at TP=2."""
+    torch.set_num_threads(1)
+    group = init_tensor_parallel(rank, 2, init_method, "cpu")
+    for name, path in checkpoints.items():
+        model = load_model(path, torch.float32, torch.device("cpu"), group)
+        torch.save({"logits": run_schedule(model, sequences)}, out_dir / f"{name}-tp2-rank{rank}.pt")
+    dist.destroy_process_group()

@@ -163,6 +163,9 @@ def _join(*parts: str) -> str:
 def load_weights(model: nn.Module, files: list[Path]) -> None:
     targets = checkpoint_targets(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
+    # (checkpoint substring, ours) pairs: a family's checkpoint names that differ from the
+    # module names it shares with another (Mixtral's experts, named as Qwen3-MoE's).
+    renames = getattr(model, "CHECKPOINT_RENAMES", ())
     loaded: set[str] = set()
     with torch.no_grad(), progress(len(targets), "loading weights", "tensor") as bar:
         for path in files:
@@ -170,13 +173,16 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
                 for name in checkpoint.keys():
                     if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                         continue
-                    if name not in targets:
+                    key = name
+                    for theirs, ours in renames:
+                        key = key.replace(theirs, ours)
+                    if key not in targets:
                         raise ModelLoadError(f"unexpected tensor {name!r} in {path}: no parameter of "
                                              f"{type(model).__name__} takes it")
-                    if name in loaded:
+                    if key in loaded:
                         raise ModelLoadError(f"tensor {name!r} appears twice, the second time in {path}")
-                    _load_tensor(checkpoint, name, targets[name], path)
-                    loaded.add(name)
+                    _load_tensor(checkpoint, name, targets[key], path)
+                    loaded.add(key)
                     bar.update()
     missing = sorted(set(targets) - loaded)
     if missing:
@@ -196,7 +202,8 @@ def _load_tensor(checkpoint: Any, name: str, target: Target, path: Path) -> None
     param, shard = target.param, target.shard
     tensor_slice = checkpoint.get_slice(name)
     shape = tuple(tensor_slice.get_shape())
-    expected = list(param.shape)
+    dest = param.data if shard is None or shard.stack_index is None else param.data[shard.stack_index]
+    expected = list(dest.shape)
     if shard is not None:
         expected[shard.dim] = shard.full
     if shape != tuple(expected):
@@ -208,4 +215,4 @@ def _load_tensor(checkpoint: Any, name: str, target: Target, path: Path) -> None
         return
     index = [slice(None)] * len(shape)
     index[shard.dim] = slice(shard.start, shard.start + shard.size)
-    param.data.narrow(shard.dim, shard.offset, shard.size).copy_(tensor_slice[tuple(index)])
+    dest.narrow(shard.dim, shard.offset, shard.size).copy_(tensor_slice[tuple(index)])

@@ -27,13 +27,16 @@ from workers.distributed import SINGLE_RANK, TensorParallelGroup
 @dataclass(frozen=True)
 class Shard:
     """This rank's part of a checkpoint tensor: indices [start, start + size) along `dim`
-    (of length `full` in the checkpoint) fill [offset, offset + size) of the parameter's `dim`."""
+    (of length `full` in the checkpoint) fill [offset, offset + size) of the parameter's `dim`.
+    With `stack_index`, the parameter stacks one tensor per index along a leading dim (the
+    experts of a mixture of experts): then `dim` and `offset` refer to its slot `stack_index`."""
 
     dim: int
     full: int
     start: int
     size: int
     offset: int = 0
+    stack_index: int | None = None
 
 
 # checkpoint_shards() keys: None stands for the module's own checkpoint name, a string for a

@@ -13,7 +13,7 @@ MLP; o_proj and down_proj all-reduce. Norms and the rotary cache are replicated.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -59,8 +59,10 @@ def _tensor_parallel_problem(config: Any, n: int) -> str | None:
         return f"tensor_parallel_size {n} must divide num_attention_heads {heads}"
     if kv_heads % n and n % kv_heads:
         return f"tensor_parallel_size {n} must divide num_key_value_heads {kv_heads} or be a multiple of it"
-    if config.intermediate_size % n:
-        return f"tensor_parallel_size {n} must divide intermediate_size {config.intermediate_size}"
+    for name in ("intermediate_size", "moe_intermediate_size"):  # the dense MLP's and each expert's
+        size = getattr(config, name, None)
+        if size is not None and size % n:
+            return f"tensor_parallel_size {n} must divide {name} {size}"
     return None
 
 
@@ -120,12 +122,12 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, options: LayerOptions, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, tp: TensorParallelGroup) -> None:
+                 dtype: torch.dtype, tp: TensorParallelGroup, mlp: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = LlamaAttention(config, options, rotary, dtype, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(config, options, dtype, tp)
+        self.mlp = mlp
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,13 +140,13 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, options: LayerOptions, dtype: torch.dtype,
-                 tp: TensorParallelGroup) -> None:
+                 tp: TensorParallelGroup, make_mlp: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, tp)
         self.rotary_emb = RotaryEmbedding(config.max_position_embeddings,
                                           compute_inv_freq(config, head_dim_of(config)))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, options, self.rotary_emb, dtype, tp)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, options, self.rotary_emb, dtype, tp, make_mlp(index))
+                                    for index in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -169,7 +171,9 @@ class LlamaForCausalLM(nn.Module):
         check_tensor_parallel(config, tp.world_size)
         self.config = config
         self.tp = tp
-        self.model = LlamaModel(config, self.layer_options(config), dtype, tp)
+        options = self.layer_options(config)
+        self.model = LlamaModel(config, options, dtype, tp,
+                                lambda index: self.feed_forward(config, index, options, dtype, tp))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype, tp)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -179,6 +183,13 @@ class LlamaForCausalLM(nn.Module):
         attention_bias = getattr(config, "attention_bias", False)
         return LayerOptions(qkv_bias=attention_bias, o_bias=attention_bias,
                             mlp_bias=getattr(config, "mlp_bias", False), qk_norm=False)
+
+    @staticmethod
+    def feed_forward(config: Any, layer_index: int, options: LayerOptions, dtype: torch.dtype,
+                     tp: TensorParallelGroup) -> nn.Module:
+        """Layer `layer_index`'s feed-forward block: the dense MLP here, a mixture of experts in
+        the MoE models (workers/models/moe.py)."""
+        return LlamaMLP(config, options, dtype, tp)
 
     @property
     def sliding_window(self) -> int | None:
