@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BlockConfig", "block_config", "fused_moe", "moe_align"]
+__all__ = ["BlockConfig", "block_config", "fused_moe", "moe_align", "moe_align_small", "moe_align_sorted"]
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,86 @@ def block_config(num_tokens: int, top_k: int, num_experts: int) -> BlockConfig:
     return _PREFILL
 
 
+# moe_align in one program, for steps whose (token, expert) pairs and experts make its
+# [pairs, experts], [pairs, pairs] and [blocks, experts] tiles small (up to 16 tokens at
+# Qwen3-30B-A3B's 128 experts and top-8): a decode step's align is then one launch per layer
+# instead of some twenty torch ops of a few microseconds each. Larger steps sort with torch,
+# where the sort's cost is shared by many rows.
+_MAX_TILE_ELEMENTS = 16384
+
+
+@triton.jit
+def _moe_align_small_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr,
+                            num_pairs, num_experts, max_rows,
+                            BLOCK_M: tl.constexpr, PAIRS: tl.constexpr, EXPERTS: tl.constexpr,
+                            ROWS: tl.constexpr, BLOCKS: tl.constexpr):
+    """moe_align's outputs, every quantity a tile: per-expert counts from a one-hot of the
+    pairs, padded run starts by a cumsum over experts, and each pair's rank in its run as the
+    number of earlier pairs of its expert (so the order is a stable sort's)."""
+    pairs = tl.arange(0, PAIRS)
+    valid = pairs < num_pairs
+    ids = tl.load(ids_ptr + pairs, mask=valid, other=-1)  # padding matches no expert
+    experts = tl.arange(0, EXPERTS)
+    one_hot = (ids[:, None] == experts[None, :]).to(tl.int32)
+    padded = (tl.sum(one_hot, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    run_end = tl.cumsum(padded, 0)
+    run_start = tl.sum(one_hot * (run_end - padded)[None, :], 1)
+    earlier_same = (ids[:, None] == ids[None, :]) & (pairs[None, :] < pairs[:, None])
+    dest = run_start + tl.sum(earlier_same.to(tl.int32), 1)
+    rows = tl.arange(0, ROWS)
+    tl.store(sorted_ids_ptr + rows, tl.full((ROWS,), 0, tl.int32) + num_pairs, mask=rows < max_rows)
+    tl.debug_barrier()  # the padding is written before the pairs land on it
+    tl.store(sorted_ids_ptr + dest, pairs, mask=valid)
+    blocks = tl.arange(0, BLOCKS)
+    # searchsorted(run_end, block start, right=True): the runs ending at or before the block.
+    block_expert = tl.sum((run_end[None, :] <= blocks[:, None] * BLOCK_M).to(tl.int32), 1)
+    tl.store(expert_ids_ptr + blocks, tl.minimum(block_expert, num_experts),
+             mask=blocks < max_rows // BLOCK_M)
+    tl.store(num_rows_ptr, tl.sum(padded, 0))
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the T * k (token, expert) pairs by expert, padding each expert's run to a multiple
     of `block_m`. Pair p is token p // k's j = p % k-th expert. Returns
     - sorted_ids [max_rows] int32: the pairs in expert order, padding slots holding T * k;
-    - expert_ids [max_rows / block_m] int32: each block's expert (>= num_experts past the end);
+    - expert_ids [max_rows / block_m] int32: each block's expert (num_experts past the end);
     - num_rows [1] int32: the padded rows in use (blocks from there on have nothing to do).
     max_rows bounds the padded rows from shapes alone: each of the at most min(E, T * k) experts
     that receive pairs pads its run by fewer than block_m rows."""
+    num_pairs = topk_ids.numel()
+    max_rows = triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
+    pairs_tile, experts_tile, blocks_tile = _align_tiles(num_pairs, num_experts, max_rows // block_m)
+    if max(pairs_tile, blocks_tile) * max(pairs_tile, experts_tile) <= _MAX_TILE_ELEMENTS:
+        return moe_align_small(topk_ids, num_experts, block_m, max_rows)
+    return moe_align_sorted(topk_ids, num_experts, block_m, max_rows)
+
+
+def _align_tiles(num_pairs: int, num_experts: int, num_blocks: int) -> tuple[int, int, int]:
+    """The small kernel's tiles: pairs, experts, blocks."""
+    return (triton.next_power_of_2(num_pairs), triton.next_power_of_2(num_experts),
+            triton.next_power_of_2(num_blocks))
+
+
+def moe_align_small(topk_ids: torch.Tensor, num_experts: int, block_m: int, max_rows: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """moe_align in one program (`_moe_align_small_kernel`)."""
+    flat = topk_ids.flatten()
+    device = flat.device
+    pairs_tile, experts_tile, blocks_tile = _align_tiles(flat.numel(), num_experts, max_rows // block_m)
+    sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(max_rows // block_m, dtype=torch.int32, device=device)
+    num_rows = torch.empty(1, dtype=torch.int32, device=device)
+    _moe_align_small_kernel[(1,)](
+        flat, sorted_ids, expert_ids, num_rows, flat.numel(), num_experts, max_rows,
+        BLOCK_M=block_m, PAIRS=pairs_tile, EXPERTS=experts_tile,
+        ROWS=triton.next_power_of_2(max_rows), BLOCKS=blocks_tile, num_warps=8)
+    return sorted_ids, expert_ids, num_rows
+
+
+def moe_align_sorted(topk_ids: torch.Tensor, num_experts: int, block_m: int, max_rows: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """moe_align by a stable sort and torch ops, for any size."""
     flat = topk_ids.flatten()
     num_pairs = flat.numel()
     device = flat.device
@@ -72,8 +143,6 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
     # A pair's place in its expert's run, then in the padded layout.
     rank = torch.arange(num_pairs, device=device) - (counts.cumsum(0) - counts)[sorted_experts]
     dest = (padded_end - padded)[sorted_experts] + rank
-    max_rows = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
-    max_rows = triton.cdiv(max_rows, block_m) * block_m
     sorted_ids = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=device)
     sorted_ids.scatter_(0, dest, order.to(torch.int32))
     block_starts = torch.arange(0, max_rows, block_m, dtype=torch.int32, device=device)

@@ -89,6 +89,21 @@ def _case_align() -> None:
     assert sorted(sorted_ids[sorted_ids < len(flat)].tolist()) == list(range(len(flat)))
 
 
+def _case_align_small_equals_sorted() -> None:
+    """The one-program align and the sort-based one give the same layout, at decode sizes up
+    to the largest the small kernel takes (16 tokens, 128 experts, top-8), with unused experts."""
+    from kernels import triton_moe
+
+    for num_tokens, num_experts, top_k, block_m in ((1, 128, 8, 16), (16, 128, 8, 16), (5, 8, 2, 16),
+                                                   (3, 6, 2, 4), (12, 60, 4, 32)):
+        topk_ids = moe_inputs(num_tokens, num_experts, top_k, unused_experts=(0, 3), seed=num_tokens)[4]
+        pairs = topk_ids.numel()
+        max_rows = -(-(pairs + min(num_experts, pairs) * (block_m - 1)) // block_m) * block_m
+        small = triton_moe.moe_align_small(topk_ids, num_experts, block_m, max_rows)
+        for got, expected in zip(small, triton_moe.moe_align_sorted(topk_ids, num_experts, block_m, max_rows)):
+            assert torch.equal(got, expected), (num_tokens, num_experts, top_k, block_m)
+
+
 def _case_empty_batch() -> None:
     from kernels import triton_moe
 
@@ -98,6 +113,7 @@ def _case_empty_batch() -> None:
 
 INTERPRETER_CASES: dict[str, Callable[[], None]] = {
     "align": _case_align,
+    "align_small_equals_sorted": _case_align_small_equals_sorted,
     "one_token_top1": _kernel_case(1, 4, 1, expected_block_m=16),
     "decode_top2_unused_experts": _kernel_case(3, 8, 2, unused_experts=(0, 5, 6), expected_block_m=16),
     "decode_top4_float16": _kernel_case(5, 8, 4, torch.float16, expected_block_m=16),
