@@ -359,9 +359,9 @@ class Scheduler:
             self.spec_stats.observe(num_drafts, num_accepted)
         new_token_ids = self._append_and_check_stop(request, token_ids)
         if request.grammar is not None:
-            grammar_done = self.structured_output.accept_tokens(request, new_token_ids)
-            if grammar_done and not request.is_finished:
-                request.finish(FinishReason.STOP)  # it ignores EOS, the only token left
+            past_end = self.structured_output.accept_tokens(request, new_token_ids)
+            if past_end and not request.is_finished:
+                request.finish(FinishReason.STOP)  # it ignores EOS, the only token the grammar left
         if draft_token_ids is not None and not request.is_finished:
             request.spec_token_ids = self._trim_drafts(request, draft_token_ids)
             if request.grammar is not None:

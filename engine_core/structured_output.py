@@ -93,14 +93,19 @@ class StructuredOutputManager:
         return bitmask.tobytes()
 
     def accept_tokens(self, request: Request, token_ids: list[int]) -> bool:
-        """Advance the request's matcher by the tokens it keeps; whether the grammar is done
-        (nothing but EOS may follow, so the request ends here even if it ignores EOS)."""
+        """Advance the request's matcher by the tokens it keeps; whether a token came after
+        the grammar's end. Past its end the mask allows only EOS, so a request that ignores
+        EOS ends with that token too. (A grammar that ends is not the request's end: the EOS
+        that follows is, as the frontend expects.)"""
         matcher = self.matcher(request)
-        if not matcher.consume_tokens(token_ids):
-            # The mask allowed only tokens the grammar takes: this is a bug, not the client's.
-            raise RuntimeError(f"request {request.request_id}: grammar refused sampled tokens "
-                               f"{token_ids}: {matcher.get_error()}")
-        return matcher.is_stopped()
+        for token_id in token_ids:
+            if matcher.is_stopped():
+                return True
+            if not matcher.consume_token(token_id):
+                # The mask allowed only tokens the grammar takes: a bug, not the client's.
+                raise RuntimeError(f"request {request.request_id}: the grammar refused sampled token "
+                                   f"{token_id}: {matcher.get_error()}")
+        return False
 
     def trim_drafts(self, request: Request, draft_token_ids: list[int]) -> list[int]:
         """The drafts up to the first one the grammar refuses: no later one can be accepted."""
