@@ -23,6 +23,7 @@ from engine_core.protocol import (
 )
 from engine_core.request import Request
 from engine_core.scheduler import Scheduler
+from engine_core.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,10 @@ class EngineCore:
         self.ready = self._make_ready(info)
         self.kv_cache_manager = KVCacheManager(info.num_kv_blocks, config.block_size,
                                                config.enable_prefix_caching)
+        self.structured_output = StructuredOutputManager(info.model_path, info.vocab_size, info.eos_token_ids)
         self.scheduler = Scheduler(self.kv_cache_manager, info.max_num_batched_tokens,
-                                   info.max_num_seqs, self.max_model_len, config.speculative_config)
+                                   info.max_num_seqs, self.max_model_len, config.speculative_config,
+                                   self.structured_output)
         # Requests refused at admission; reported with the next step's outputs.
         self.rejected: list[EngineCoreOutput] = []
         # Steps launched on the device and not yet collected, oldest first.
@@ -126,6 +129,8 @@ class EngineCore:
             raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens; "
                              f"the prompt has {len(prompt)} tokens")
         request.sampling_params.validate(self.vocab_size)
+        if request.sampling_params.structured_outputs is not None:
+            self.structured_output.check_supported()
         if request.request_id in self.scheduler.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
 
@@ -150,7 +155,15 @@ class EngineCore:
         """Run the pipeline one step in the engine's StepMode and return the outputs collected.
         A step the workers fail to run ends only the request to blame (`_recover`)."""
         outputs, self.rejected = self.rejected, []
-        num_tokens = self._run_step(outputs)
+        run_step = self._run_step
+        if self.step_mode is StepMode.ASYNC and self.scheduler.num_grammar_requests:
+            # A grammar's mask for the next step needs this step's token on the host: while
+            # any grammar request is in, each step is collected before the next is scheduled.
+            run_step = self._step_collect_first
+        num_tokens = run_step(outputs)
+        if self.scheduler.grammar_failures:
+            outputs.extend(self.scheduler.grammar_failures)
+            self.scheduler.grammar_failures = []
         return self.make_outputs(outputs, num_tokens)
 
     def make_outputs(self, outputs: list[EngineCoreOutput], num_batched_tokens: int = 0) -> EngineCoreOutputs:
@@ -241,3 +254,4 @@ class EngineCore:
     def shutdown(self) -> None:
         self.scheduler.abort_requests(list(self.scheduler.requests))
         self.executor.shutdown()
+        self.structured_output.shutdown()

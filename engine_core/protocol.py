@@ -69,7 +69,26 @@ class StructuredOutputsParams(msgspec.Struct, **_STRUCT):
     json_object: bool = False  # any JSON object
     regex: str | None = None
     choice: list[str] | None = None  # exactly one of these strings
-    grammar: str | None = None  # EBNF (GBNF)
+    grammar: str | None = None  # EBNF (GBNF) or Lark
+
+    @property
+    def kind(self) -> str:
+        """The field that is set, as error messages name it."""
+        return next((name for name in self.__struct_fields__ if getattr(self, name)), "structured_outputs")
+
+    def validate(self) -> None:
+        """Raise ValueError unless exactly one constraint is set and it is not empty (the
+        grammar itself is checked by engine_core.grammar, which knows the tokenizer)."""
+        fields = [name for name in self.__struct_fields__ if getattr(self, name) not in (None, False)]
+        if len(fields) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, json_object, regex, choice, "
+                             f"grammar; got {fields or 'none'}")
+        if self.choice is not None:
+            check_arg(bool(self.choice) and all(self.choice), "choice", self.choice,
+                      "a non-empty list of non-empty strings")
+        for name in ("json", "regex", "grammar"):
+            value = getattr(self, name)
+            check_arg(value is None or bool(value.strip()), name, value, "a non-empty string")
 
 
 class SamplingParams(msgspec.Struct, **_STRUCT):
@@ -161,6 +180,8 @@ class SamplingParams(msgspec.Struct, **_STRUCT):
         for token_id, bias in (self.logit_bias or {}).items():
             check_arg(0 <= token_id < num_ids, "logit_bias", token_id, f"token ids in [0, {num_ids})")
             check_arg(-100.0 <= bias <= 100.0, "logit_bias", bias, "biases in [-100, 100]")
+        if self.structured_outputs is not None:
+            self.structured_outputs.validate()
 
 
 def check_arg(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -311,6 +332,11 @@ class SchedulerOutput(msgspec.Struct, **_STRUCT):
     # token (its num_scheduled_tokens count them), and whether to propose drafts after this step.
     scheduled_spec_token_ids: dict[str, list[int]] = {}
     propose_drafts: bool = False
+    # Structured outputs: the requests that sample under a grammar this step, and the tokens
+    # each may take: a row per position it samples (1 + its drafts), ceil(vocab / 32) int32
+    # words of 32 token bits each (bit i of word w: token 32 w + i), rows in request order.
+    grammar_request_ids: list[str] = []
+    grammar_bitmask: bytes = b""
 
 
 class ModelRunnerOutput(msgspec.Struct, **_STRUCT):

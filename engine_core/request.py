@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import enum
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 from engine_core.protocol import EngineCoreRequest, FinishReason, Logprobs, SamplingParams
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 
 class RequestStatus(enum.IntEnum):
@@ -42,6 +47,9 @@ class Request:
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of all_token_ids
         self.prompt_logprobs: list[Logprobs] = []  # chunks gathered until the first output
         self.stop_token_ids: frozenset[int] = request.sampling_params.stop_ids(eos_token_ids)
+        # Structured outputs: the request's grammar matcher, being built or built
+        # (StructuredOutputManager); None without a grammar.
+        self.grammar: Future[LLMatcher] | None = None
 
     @property
     def num_tokens(self) -> int:

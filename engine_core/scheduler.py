@@ -16,6 +16,10 @@ after it. The step verifies them and returns the accepted ones plus one more tok
 written for the rejected ones is stale, so `num_computed_tokens` rolls back over them and the
 next step overwrites it.
 
+Structured outputs: a request with a grammar waits (without holding up the others) until its
+matcher is built; each step carries the token bitmask of every position it samples under a
+grammar, and the tokens kept advance the matcher (structured_output.py).
+
 A step the workers fail to run must end only the request to blame (`recover_from_failed_step`):
 every running request is preempted by recompute; a request that failed alone finishes with an
 error; those of a failed batch become suspects, and each then runs alone until it samples
@@ -39,13 +43,15 @@ from engine_core.protocol import (
     now,
 )
 from engine_core.request import Request, RequestStatus
+from engine_core.structured_output import StructuredOutputManager
 from metrics.stats import SchedulerStats
 
 
 class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_batched_tokens: int,
                  max_num_seqs: int, max_model_len: int,
-                 speculative_config: SpeculativeConfig | None = None) -> None:
+                 speculative_config: SpeculativeConfig | None = None,
+                 structured_output: StructuredOutputManager | None = None) -> None:
         self.kv_cache_manager = kv_cache_manager
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -62,10 +68,17 @@ class Scheduler:
         self.num_preemptions = 0  # since the last stats
         # Requests of a failed step not yet run alone: while any is left, each step runs one.
         self.suspects: set[str] = set()
+        self.structured_output = structured_output
+        self.num_grammar_requests = 0  # unfinished requests with a grammar
+        # Requests whose grammar failed to build: reported with the next step's outputs.
+        self.grammar_failures: list[EngineCoreOutput] = []
 
     # ---- requests in and out ----
 
     def add_request(self, request: Request) -> None:
+        if request.sampling_params.structured_outputs is not None:
+            self.structured_output.add_request(request)
+            self.num_grammar_requests += 1
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -91,7 +104,12 @@ class Scheduler:
     def _free(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
         self.finished_request_ids.append(request.request_id)
+        self._forget(request)
+
+    def _forget(self, request: Request) -> None:
         del self.requests[request.request_id]
+        if request.grammar is not None:
+            self.num_grammar_requests -= 1
 
     # ---- the step ----
 
@@ -204,12 +222,27 @@ class Scheduler:
     def _schedule_waiting(self, output: SchedulerOutput) -> None:
         """Admit waiting requests in order, each from its longest cached prefix, while the
         token budget, max_num_seqs and the KV pool allow."""
+        # Requests whose grammar is still being built sit this step out, keeping their place.
+        not_ready: list[Request] = []
+        try:
+            self._admit_waiting(output, not_ready)
+        finally:
+            self.waiting.extendleft(reversed(not_ready))
+
+    def _admit_waiting(self, output: SchedulerOutput, not_ready: list[Request]) -> None:
         kv = self.kv_cache_manager
         while (self.waiting and (budget := self._token_budget(output)) > 0
                and len(self.running) < self.max_num_seqs):
             request = self.waiting[0]
             if request.num_output_placeholders:
                 return  # preempted with a token in flight: it resumes once the token is known
+            if request.grammar is not None:
+                if not request.grammar.done():
+                    not_ready.append(self.waiting.popleft())
+                    continue
+                if request.grammar.exception() is not None:
+                    self._fail_grammar(self.waiting.popleft())
+                    continue
             hits, num_hit_tokens = kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             if kv.allocate_slots(request, num_new, hits, self._num_lookahead(num_hit_tokens, num_new)) is None:
@@ -226,6 +259,14 @@ class Scheduler:
                 num_computed_tokens=num_hit_tokens,
             ))
 
+    def _fail_grammar(self, request: Request) -> None:
+        """Finish a waiting request whose grammar failed to build with that error."""
+        request.finish(FinishReason.ERROR)
+        self._forget(request)  # it holds no KV blocks, and the workers never saw it
+        self.grammar_failures.append(EngineCoreOutput(
+            request_id=request.request_id, new_token_ids=[], finish_reason=FinishReason.ERROR,
+            error=f"the request's grammar cannot be built: {request.grammar.exception()}"))
+
     def _start_running(self, request: Request, num_hit_tokens: int) -> None:
         request.num_computed_tokens = num_hit_tokens
         if request.num_cached_tokens < 0:  # first scheduling, not a resume after preemption
@@ -241,13 +282,20 @@ class Scheduler:
 
     def _advance(self, output: SchedulerOutput) -> None:
         """The tokens are as good as computed: the next step schedules from there. A request
-        that catches up (drafts included) samples this step."""
+        that catches up (drafts included) samples this step, under its grammar's mask if it
+        has one."""
+        grammar_requests: list[Request] = []
         for request_id, num_tokens in output.num_scheduled_tokens.items():
             request = self.requests[request_id]
             request.num_computed_tokens += num_tokens
             if request.num_computed_tokens == (request.num_tokens + request.num_output_placeholders
                                                + len(request.spec_token_ids)):
                 request.num_output_placeholders += 1
+                if request.grammar is not None:
+                    grammar_requests.append(request)
+        if grammar_requests:
+            output.grammar_request_ids = [r.request_id for r in grammar_requests]
+            output.grammar_bitmask = self.structured_output.bitmask(grammar_requests)
 
     def _reached_length(self, request: Request) -> bool:
         """Whether the tokens in flight already take the request to max_tokens or max_model_len."""
@@ -310,8 +358,14 @@ class Scheduler:
             request.spec_token_ids = []
             self.spec_stats.observe(num_drafts, num_accepted)
         new_token_ids = self._append_and_check_stop(request, token_ids)
+        if request.grammar is not None:
+            past_end = self.structured_output.accept_tokens(request, new_token_ids)
+            if past_end and not request.is_finished:
+                request.finish(FinishReason.STOP)  # it ignores EOS, the only token the grammar left
         if draft_token_ids is not None and not request.is_finished:
             request.spec_token_ids = self._trim_drafts(request, draft_token_ids)
+            if request.grammar is not None:
+                request.spec_token_ids = self.structured_output.trim_drafts(request, request.spec_token_ids)
         return new_token_ids
 
     @staticmethod
@@ -403,6 +457,8 @@ class Scheduler:
         kv.prefix_cache_queries = kv.prefix_cache_hits = 0
         self.num_preemptions = 0
         self.spec_stats.drain_into(stats)
+        if self.structured_output is not None:
+            self.structured_output.drain_stats_into(stats)
         return stats
 
 

@@ -23,6 +23,7 @@ from engine_core.protocol import (
     Penalty,
     SamplingParams,
     Seed,
+    StructuredOutputsParams,
     TokenCount,
     TokenId,
     TopK,
@@ -63,6 +64,28 @@ class ChatMessage(msgspec.Struct):
         return self.content or ""
 
 
+class JsonSchemaFormat(msgspec.Struct):
+    name: str = "response"
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """vLLM's `structured_outputs` extra: exactly one of these."""
+
+    json: str | dict[str, Any] | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class GenerationRequest(msgspec.Struct, kw_only=True):
     """Fields that chat and text completions share."""
 
@@ -88,6 +111,14 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs, and vLLM's older
+    # guided_* fields; at most one of them.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # Octavo's: seconds this request may run (overrides --request-timeout); past it, a 408.
     request_timeout: Annotated[float, msgspec.Meta(gt=0.0, le=MAX_REQUEST_TIMEOUT_S)] | None = None
 
@@ -100,8 +131,47 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
         if self.stream_options is not None and not self.stream:
             raise invalid_param("stream_options", "stream_options is only allowed when stream is true")
 
+    def structured_outputs_params(self) -> tuple[str, StructuredOutputsParams] | None:
+        """The request's output constraint and the parameter that set it, if any; a 400
+        when several are set or one is malformed (its grammar is checked later, with the
+        tokenizer: frontend.tokenizer.check_grammar)."""
+        found: list[tuple[str, StructuredOutputsParams]] = []
+        if self.response_format is not None and self.response_format.type != "text":
+            found.append(("response_format", self._response_format_params(self.response_format)))
+        so = self.structured_outputs
+        if so is not None:
+            found.append(("structured_outputs", StructuredOutputsParams(
+                json=_schema_text(so.json), json_object=so.json_object, regex=so.regex, choice=so.choice,
+                grammar=so.grammar)))
+        guided = {"guided_json": StructuredOutputsParams(json=_schema_text(self.guided_json)),
+                  "guided_regex": StructuredOutputsParams(regex=self.guided_regex),
+                  "guided_choice": StructuredOutputsParams(choice=self.guided_choice),
+                  "guided_grammar": StructuredOutputsParams(grammar=self.guided_grammar)}
+        found += [(name, params) for name, params in guided.items() if getattr(self, name) is not None]
+        if not found:
+            return None
+        if len(found) > 1:
+            raise invalid_param(found[1][0], f"{found[0][0]} and {found[1][0]} both constrain the output: "
+                                "set only one")
+        param, params = found[0]
+        try:
+            params.validate()
+        except ValueError as e:
+            raise invalid_param(param, f"{param}: {e}") from None
+        return param, params
+
+    @staticmethod
+    def _response_format_params(response_format: ResponseFormat) -> StructuredOutputsParams:
+        if response_format.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if response_format.json_schema is None or response_format.json_schema.schema is None:
+            raise invalid_param("response_format", "response_format of type json_schema needs "
+                                "json_schema.schema, the JSON schema of the output")
+        return StructuredOutputsParams(json=_schema_text(response_format.json_schema.schema))
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None, vocab_size: int) -> SamplingParams:
+                        prompt_logprobs: int | None, vocab_size: int,
+                        structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         """The engine's struct for this request, validated: a 400 naming the field, its value
         and the allowed range for whatever the engine would refuse."""
         params = SamplingParams(
@@ -120,12 +190,17 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            structured_outputs=structured_outputs,
         )
         try:
             params.validate(vocab_size)
         except ValueError as e:
             raise from_value_error(e) from None
         return params
+
+
+def _schema_text(schema: str | dict[str, Any] | None) -> str | None:
+    return schema if schema is None or isinstance(schema, str) else msgspec.json.encode(schema).decode()
 
 
 class ChatCompletionRequest(GenerationRequest, kw_only=True):

@@ -21,6 +21,7 @@ from frontend.openai_protocol import (
 )
 from frontend.output_processor import ChoiceDelta
 from frontend.prompts import chat_prompt, check_max_tokens
+from frontend.structured_outputs import check_structured_outputs
 from frontend.request_body import decode_body
 from frontend.server_state import ServerState
 from frontend.tokenizer import ModelTokenizer
@@ -36,7 +37,9 @@ async def create_chat_completion(state: ServerState, request: web.Request) -> we
     name, requested = body.requested_max_tokens()
     max_tokens = check_max_tokens(state.ready.max_model_len, len(prompt), requested, name, "messages")
     num_top = body.top_logprobs or 0
-    params = body.sampling_params(max_tokens, num_top if body.logprobs else None, None, state.ready.vocab_size)
+    structured_outputs = await check_structured_outputs(state, body)
+    params = body.sampling_params(max_tokens, num_top if body.logprobs else None, None, state.ready.vocab_size,
+                                  structured_outputs)
     generation = Generation(state, new_request_id("chatcmpl"), body, [prompt], [params])
     shape = ChatShape(generation.request_id, model, state.tokenizer, num_top)
     return await respond(request, body, generation, shape, len(prompt))

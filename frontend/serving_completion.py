@@ -12,6 +12,7 @@ from frontend.logprobs import completion_logprobs
 from frontend.openai_protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
 from frontend.output_processor import ChoiceDelta
 from frontend.prompts import check_max_tokens, completion_prompts
+from frontend.structured_outputs import check_structured_outputs
 from frontend.request_body import decode_body
 from frontend.server_state import ServerState
 from frontend.tokenizer import ModelTokenizer
@@ -25,10 +26,12 @@ async def create_completion(state: ServerState, request: web.Request) -> web.Str
     state.admission.check_request_size(len(items), body.n)
     prompts = await completion_prompts(state, items, body.echo)
     prompt_logprobs = body.logprobs if body.echo else None
+    structured_outputs = await check_structured_outputs(state, body)
     params = []
     for _, ids in prompts:
         max_tokens = check_max_tokens(state.ready.max_model_len, len(ids), body.max_tokens, "max_tokens", "prompt")
-        params.append(body.sampling_params(max_tokens, body.logprobs, prompt_logprobs, state.ready.vocab_size))
+        params.append(body.sampling_params(max_tokens, body.logprobs, prompt_logprobs, state.ready.vocab_size,
+                                           structured_outputs))
     generation = Generation(state, new_request_id("cmpl"), body, [ids for _, ids in prompts], params)
     shape = CompletionShape(generation.request_id, model, state.tokenizer, body, prompts)
     return await respond(request, body, generation, shape, sum(len(ids) for _, ids in prompts))

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 from tokenizers import Tokenizer
 
+from engine_core.grammar import LLTokenizer, check_grammar, load_tokenizer
+from engine_core.protocol import StructuredOutputsParams
 from frontend.errors import invalid_param
 from frontend.openai_protocol import ChatMessage
 
@@ -48,6 +50,23 @@ class ModelTokenizer:
         # byte-level BPE's spelling grows it.)
         self.max_token_bytes = max(len(token.encode()) for token in self.fast.get_vocab(with_added_tokens=True))
         self._executor = ThreadPoolExecutor(min(_MAX_THREADS, os.cpu_count() or 1), thread_name_prefix="tokenizer")
+        self.model_path = model_path
+        self._grammar_tokenizer: LLTokenizer | None = None  # llguidance's, built by the first grammar
+
+    async def check_grammar(self, param: str, params: StructuredOutputsParams, vocab_size: int,
+                            eos_token_ids: list[int]) -> None:
+        """A 400 naming `param` and the problem unless the engine can build the constraint's
+        grammar (a JSON schema's unsupported keyword included). Off the event loop: a large
+        schema takes a while."""
+        try:
+            await self._off_loop(self._check_grammar, params, vocab_size, eos_token_ids)
+        except ValueError as e:
+            raise invalid_param(param, f"{param} cannot be enforced: {e}") from None
+
+    def _check_grammar(self, params: StructuredOutputsParams, vocab_size: int, eos_token_ids: list[int]) -> None:
+        if self._grammar_tokenizer is None:  # two threads may both build it: either result does
+            self._grammar_tokenizer = load_tokenizer(self.model_path, vocab_size, eos_token_ids)
+        check_grammar(params, self._grammar_tokenizer)
 
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -105,3 +105,13 @@ def rejection_sample(draft_token_ids: torch.Tensor, cu_num_draft: torch.Tensor, 
                                        is_greedy, seeds, max_num_draft)
     return reference.rejection_sample(draft_token_ids, cu_num_draft, target_probs, draft_probs, bonus_token_ids,
                                       is_greedy, seeds, max_num_draft)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """Structured outputs: forbid, in place (-inf), the tokens each masked row's grammar
+    refuses; see kernels.reference.apply_token_bitmask. logits [N, V] (contiguous rows);
+    bitmask [M, ceil(V / 32)] int32; rows [M] int64."""
+    if _use_triton(logits):
+        from kernels.triton_bitmask import apply_token_bitmask as triton_apply_token_bitmask
+        return triton_apply_token_bitmask(logits, bitmask, rows)
+    return reference.apply_token_bitmask(logits, bitmask, rows)

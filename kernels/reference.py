@@ -208,3 +208,16 @@ def rejection_sample(draft_token_ids: torch.Tensor, cu_num_draft: torch.Tensor, 
             noise = torch.empty_like(residual).exponential_(generator=generator)
             out[req, num_accepted] = (residual / noise).argmax()
     return out
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """Structured outputs: in place, set to -inf the logits of `rows` whose tokens their mask
+    forbids. bitmask [M, ceil(V / 32)] int32: bit i of word w allows token 32 w + i for
+    logits row rows[m] (M int64 row indices, distinct); tokens past the mask's width are
+    forbidden too."""
+    vocab_size = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1).bool()
+    if allowed.shape[1] < vocab_size:
+        allowed = torch.cat((allowed, allowed.new_zeros(len(rows), vocab_size - allowed.shape[1])), dim=1)
+    logits[rows] = logits[rows].masked_fill(~allowed[:, :vocab_size], float("-inf"))

@@ -38,6 +38,10 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_num_accepted_tokens_per_pos: list[int] = []  # index i: accepted at draft position i
+    # Structured outputs: grammars built (cache misses) and their build time, cache hits.
+    grammar_compile_seconds: float = 0.0
+    grammar_cache_hits: int = 0
+    grammar_cache_misses: int = 0
 
 
 @dataclass(slots=True)

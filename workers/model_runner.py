@@ -205,7 +205,7 @@ class ModelRunner:
             self.pending.append(PendingStep(prompt_logprobs=prompt_logprobs, propose_drafts=propose))
             return
         logits = self._compute_logits(hidden, sampling.logits_indices, scheduled.inputs.num_tokens)
-        sampled, out, greedy_draft_token_ids = self._sample(logits, sampling)
+        sampled, out, greedy_draft_token_ids = self._sample(logits, sampling, scheduler_output)
         sampled_host, ready = self._copy_to_host(sampled)
         self.pending.append(PendingStep(
             request_ids=sampling.request_ids, rows=sampling.rows, sampled_host=sampled_host, ready=ready,
@@ -285,12 +285,14 @@ class ModelRunner:
         # Logits stay in the model's dtype: the fused sampling kernel reads them as they are.
         return self.model.compute_logits(hidden, float32=False)
 
-    def _sample(self, logits: torch.Tensor, sampling: _LogitsRows
+    def _sample(self, logits: torch.Tensor, sampling: _LogitsRows, scheduler_output: SchedulerOutput
                 ) -> tuple[torch.Tensor, SamplerOutput, np.ndarray | None]:
         """The new tokens on the device, [requests, 1 + max drafts] padded with -1, and the
         sampler's output. An all-greedy step verifying drafts returns the argmax at every
         logits row instead, [N], and the drafts, which the host accepts (accept_greedy)."""
         metadata = self._sampling_metadata(sampling)
+        if scheduler_output.grammar_request_ids:
+            metadata.grammar_bitmask, metadata.grammar_rows = self._grammar_bitmask(scheduler_output, sampling)
         out = self.sampler(logits, metadata)
         if sampling.layout is None:
             self._feed_next_step(out.sampled_token_ids, sampling.rows)
@@ -309,6 +311,24 @@ class ModelRunner:
             for step in self.pending:
                 self._write_back(step)
         return self.sampling_metadata.build(sampling.logits_rows, sampling.logits_seq_lens, penalized)
+
+    def _grammar_bitmask(self, scheduler_output: SchedulerOutput, sampling: _LogitsRows
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's grammar masks on the device, and the logits row each applies to: a
+        grammar request's rows are all those it samples (after its last token, then each
+        draft), in the order the scheduler packed them."""
+        index_of = {request_id: i for i, request_id in enumerate(sampling.request_ids)}
+        requests = np.fromiter((index_of[r] for r in scheduler_output.grammar_request_ids), np.int64,
+                               len(scheduler_output.grammar_request_ids))
+        layout = sampling.layout
+        if layout is None:
+            rows = requests
+        else:
+            num_logits = layout.num_logits[requests]
+            first = np.repeat(layout.cu_num_logits[requests], num_logits)
+            rows = first + np.arange(num_logits.sum()) - np.repeat(np.cumsum(num_logits) - num_logits, num_logits)
+        bitmask = np.frombuffer(scheduler_output.grammar_bitmask, dtype=np.int32).reshape(len(rows), -1).copy()
+        return upload([bitmask, rows], self.device)
 
     def _feed_next_step(self, sampled: torch.Tensor, rows: np.ndarray) -> None:
         """Keep the sampled ids on the device for the next step's inputs (async scheduling,

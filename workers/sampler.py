@@ -50,6 +50,10 @@ class SamplingMetadata:
     ban_rows: torch.Tensor | None
     ban_token_ids: torch.Tensor | None
     max_num_logprobs: int  # -1: no row wants logprobs
+    # Structured outputs: the tokens each grammar row may take, packed (see
+    # kernels.ops.apply_token_bitmask), and those rows; None when no row has a grammar.
+    grammar_bitmask: torch.Tensor | None = None  # [M, ceil(vocab / 32)] int32
+    grammar_rows: torch.Tensor | None = None  # [M] int64
 
     @property
     def has_logits_processors(self) -> bool:
@@ -86,6 +90,9 @@ class Sampler:
         """logits: [B, vocab] in the model's dtype (bfloat16 on a GPU) or float32."""
         # Logprobs are those of the model's raw distribution, as in vLLM and OpenAI.
         raw_logprobs = logits.float().log_softmax(dim=-1) if metadata.max_num_logprobs >= 0 else None
+        if metadata.grammar_bitmask is not None:
+            # In place: draft verification reads these logits after the sampler.
+            ops.apply_token_bitmask(logits, metadata.grammar_bitmask, metadata.grammar_rows)
         if metadata.all_greedy and not metadata.has_logits_processors:
             # Truncation (top-k, top-p, min-p) never changes a greedy row's argmax.
             sampled = logits.argmax(dim=-1)
