@@ -85,10 +85,12 @@ class ModelTokenizer:
         if continue_final_message and (add_generation_prompt or messages[-1].role != "assistant"):
             raise invalid_param("continue_final_message", "continue_final_message needs a final assistant "
                                 "message and add_generation_prompt false")
-        own_template = {"chat_template": self.chat_template} if self.chat_template is not None else {}
-        kwargs = own_template | (template_kwargs or {})
+        kwargs: dict[str, Any] = {"chat_template": self.chat_template} if self.chat_template is not None else {}
+        kwargs |= template_kwargs or {}
+        if tools is not None:  # the request's `tools` field wins over chat_template_kwargs.tools
+            kwargs["tools"] = tools
         try:
-            return self.hf.apply_chat_template(conversation, tools=tools, tokenize=False,
+            return self.hf.apply_chat_template(conversation, tokenize=False,
                                                add_generation_prompt=add_generation_prompt,
                                                continue_final_message=continue_final_message, **kwargs)
         except Exception as e:  # the template is code run on user input: its failures are 400s
