@@ -32,8 +32,9 @@ PROMPTS = [ASK, [{"role": "user", "content": "What is 2 plus 3?"}], [{"role": "u
 
 
 def past_call(call_id: str, city: str) -> dict[str, Any]:
-    return {"role": "assistant", "content": None, "tool_calls": [
-        {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]}
+    function = {"name": "get_weather", "arguments": json.dumps({"city": city})}
+    return {"role": "assistant", "content": None,
+            "tool_calls": [{"id": call_id, "type": "function", "function": function}]}
 
 
 # Two earlier turns in which the assistant called get_weather: enough for the 135M model to call
@@ -164,7 +165,8 @@ def test_named_function_returns_that_function(client):
 
 
 def test_tool_messages_go_back_into_the_template(server, client):
-    messages = [*ASK, past_call("call_9", "Paris"), {"role": "tool", "tool_call_id": "call_9", "content": "18 C, sunny"}]
+    messages = [*ASK, past_call("call_9", "Paris"),
+                {"role": "tool", "tool_call_id": "call_9", "content": "18 C, sunny"}]
     status, body = request(server, "POST", "/tokenize", {"messages": messages})
     assert status == 200, body
     _, text = request(server, "POST", "/detokenize", {"tokens": body["tokens"]})
@@ -175,7 +177,8 @@ def test_tool_messages_go_back_into_the_template(server, client):
 
 
 @pytest.mark.parametrize("fields,param,says", [
-    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice.function.name", "'get_time'"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice.function.name",
+     "'get_time'"),
     ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools[0].function.name", "'get weather'"),
     ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name", "two tools"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {

@@ -116,14 +116,16 @@ def test_hermes_call_cut_short_is_content_whole_but_streams_what_came():
 def test_hermes_call_without_closing_tag_and_text_after_a_call():
     text = 'Sure.\n<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}'
     parsed = TOOL_PARSERS["hermes"]().parse(text)
-    assert parsed.content == "Sure." and [(c.name, c.arguments) for c in parsed.calls] == [("get_time", '{"zone": "UTC"}')]
+    assert parsed.content == "Sure."
+    assert [(c.name, c.arguments) for c in parsed.calls] == [("get_time", '{"zone": "UTC"}')]
     text = hermes_call("get_time", TIME_ARGS) + "\nDone."
     parsed = TOOL_PARSERS["hermes"]().parse(text)
     assert parsed.content == "Done." and [c.name for c in parsed.calls] == ["get_time"]
 
 
 def test_hermes_array_inside_a_tool_call_as_smollm2_writes_it():
-    text = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_time", "arguments": {}}]</tool_call>'
+    text = ('<tool_call>[{"name": "get_weather", "arguments": {"city": "Oslo"}}, '
+            '{"name": "get_time", "arguments": {}}]</tool_call>')
     assert [(c.name, c.arguments) for c in TOOL_PARSERS["hermes"]().parse(text).calls] == [
         ("get_weather", '{"city": "Oslo"}'), ("get_time", "{}")]
 
@@ -203,8 +205,8 @@ def test_forced_choices_constrain_the_output_with_a_json_schema():
     assert call["properties"]["parameters"] == TOOL["function"]["parameters"]
     single = plan_tool_calls(request(tools=[TOOL], tool_choice="required", parallel_tool_calls=False), AUTO)
     assert json.loads(single.structured_outputs.json)["maxItems"] == 1
-    named = plan_tool_calls(request(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}}),
-                            ToolCallingConfig())
+    named_choice = {"type": "function", "function": {"name": "get_weather"}}
+    named = plan_tool_calls(request(tools=[TOOL], tool_choice=named_choice), ToolCallingConfig())
     assert json.loads(named.structured_outputs.json) == TOOL["function"]["parameters"]
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from frontend.tool_parsers.call_scanner import CallScanner
 
 State = Callable[[str, int], int]
+ARGUMENT_KEYS = ("arguments", "parameters")  # what formats call a call's arguments
 _WHITESPACE = " \t\n\r"
 
 
@@ -80,7 +81,8 @@ class ToolParser:
         self._call_id = ""
         self._header_sent = False
         self._unsent_arguments: list[str] = []
-        self._after_array: State = self._rest_is_content
+        self._after_array: State = self._rest_is_content  # an array of calls: what follows its `]`
+        self._argument_keys = ARGUMENT_KEYS  # an array of calls: its calls' arguments key
 
     # ------------------------------------------------------------ driving
 
@@ -166,7 +168,7 @@ class ToolParser:
             self._attempt.append(literal)
         return pos + len(literal)
 
-    def read_call(self, text: str, pos: int, then: State, argument_keys: tuple[str, ...] = ("arguments", "parameters"),
+    def read_call(self, text: str, pos: int, then: State, argument_keys: tuple[str, ...] = ARGUMENT_KEYS,
                   name: str | None = None) -> int:
         """One call's JSON object, from its `{`; `name`: the object is the arguments of that function."""
         if self._scanner is None:
@@ -191,7 +193,7 @@ class ToolParser:
             self._state = then
         return pos
 
-    def array_of_calls(self, text: str, pos: int, then: State, argument_keys: tuple[str, ...] = ("arguments", "parameters")) -> int:
+    def array_of_calls(self, text: str, pos: int, then: State, argument_keys: tuple[str, ...] = ARGUMENT_KEYS) -> int:
         """After a `[`: call objects separated by commas up to the `]`, then `then`."""
         self._after_array = then
         self._argument_keys = argument_keys
