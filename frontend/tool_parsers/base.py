@@ -18,11 +18,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from frontend.tool_parsers.call_scanner import CallScanner
+from frontend.tool_parsers.call_scanner import WHITESPACE, CallScanner
 
 State = Callable[[str, int], int]
 ARGUMENT_KEYS = ("arguments", "parameters")  # what formats call a call's arguments
-_WHITESPACE = " \t\n\r"
 
 
 @dataclass
@@ -150,7 +149,7 @@ class ToolParser:
         """After any whitespace, `literal` leads to `then` (which still sees it unless `consume`),
         anything else to `otherwise`."""
         start = pos
-        while pos < len(text) and text[pos] in _WHITESPACE:
+        while pos < len(text) and text[pos] in WHITESPACE:
             pos += 1
         if self._attempt is not None:
             self._attempt.append(text[start:pos])
@@ -229,10 +228,10 @@ class ToolParser:
 
     def _emit_content(self, text: str) -> None:
         if self._after_call:
-            text = text.lstrip(_WHITESPACE)
+            text = text.lstrip(WHITESPACE)
             self._after_call = not text
         text = self._content_whitespace + text
-        stripped = text.rstrip(_WHITESPACE)
+        stripped = text.rstrip(WHITESPACE)
         if stripped:
             self._content.append(stripped)
         self._content_whitespace = text[len(stripped):]

@@ -15,7 +15,7 @@ import re
 # Outside strings, only these characters change the structure; inside, only these end or escape.
 _STRUCTURAL = re.compile(r'[{}\[\]",:]')
 _IN_STRING = re.compile(r'["\\]')
-_WHITESPACE = " \t\n\r"
+WHITESPACE = " \t\n\r"  # JSON's
 
 
 class CallScanner:
@@ -133,9 +133,9 @@ class CallScanner:
         # Whitespace around the value is not part of it; whitespace inside goes out once
         # something follows it.
         if not self._args_started:
-            piece = piece.lstrip(_WHITESPACE)
+            piece = piece.lstrip(WHITESPACE)
             self._args_started = bool(piece)
-        stripped = piece.rstrip(_WHITESPACE)
+        stripped = piece.rstrip(WHITESPACE)
         if stripped:
             self._fragments.append(self._held_whitespace + stripped)
             self._held_whitespace = ""
