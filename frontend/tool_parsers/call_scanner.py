@@ -19,13 +19,11 @@ WHITESPACE = " \t\n\r"  # JSON's
 
 
 class CallScanner:
-    """Reads one `{"name": ..., "arguments": {...}}` object (the key names are the format's)
-    starting at its `{`. With `bare_arguments`, the object is the arguments themselves, of the
+    """Reads one `{"name": ..., "arguments": {...}}` object (`argument_keys`: the format's names
+    for "arguments") starting at its `{`. With `bare_arguments`, the object is the arguments themselves, of the
     function `name` (a named tool_choice)."""
 
-    def __init__(self, name_key: str = "name", argument_keys: tuple[str, ...] = ("arguments", "parameters"),
-                 bare_arguments: str | None = None) -> None:
-        self.name_key = name_key
+    def __init__(self, argument_keys: tuple[str, ...], bare_arguments: str | None = None) -> None:
         self.argument_keys = argument_keys
         self.bare = bare_arguments is not None
         self.name: str | None = bare_arguments
@@ -109,7 +107,7 @@ class CallScanner:
 
     def _begin_value(self) -> None:
         self._expect_key = False
-        if self._key == self.name_key:
+        if self._key == "name":
             self._span, self._span_parts = "name", []
         elif self._key in self.argument_keys:
             self._span = "args"
@@ -152,10 +150,10 @@ class CallScanner:
         else:
             arguments = [value[key] for key in self.argument_keys if key in value] if isinstance(value, dict) else []
             # Exactly one arguments object: an object without one is some other JSON, not a call.
-            self.valid = (isinstance(value, dict) and isinstance(value.get(self.name_key), str)
+            self.valid = (isinstance(value, dict) and isinstance(value.get("name"), str)
                           and len(arguments) == 1 and isinstance(arguments[0], dict))
             if self.valid:
-                self.name = value[self.name_key]
+                self.name = value["name"]
 
     @property
     def raw(self) -> str:
