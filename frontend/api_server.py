@@ -20,6 +20,7 @@ from frontend.engine_supervisor import EngineSupervisor, RestartPolicy
 from frontend.errors import shutting_down
 from frontend.server_state import ServerState
 from frontend.tokenizer import ModelTokenizer, import_transformers
+from frontend.tool_calling import ToolCallingConfig
 from metrics.log_stats import DEFAULT_INTERVAL_S, LoggingStatLogger
 from metrics.prometheus import PrometheusStatLogger
 
@@ -43,6 +44,8 @@ class ServerArgs:
     restart_policy: RestartPolicy = RestartPolicy()
     request_timeout: float | None = None  # seconds; None: no deadline
     trust_request_chat_template: bool = False  # run a chat template sent in chat_template_kwargs
+    chat_template: str | None = None  # --chat-template's text; None: the model's own
+    tool_calling: ToolCallingConfig = ToolCallingConfig()
 
 
 async def serve(config: EngineConfig, args: ServerArgs) -> int:
@@ -60,7 +63,11 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
         except EngineStartError as e:
             logger.error("%s", e)
             return 1
-        tokenizer = ModelTokenizer(ready.model_path)
+        tokenizer = ModelTokenizer(ready.model_path, args.chat_template)
+        if args.tool_calling.enable_auto_tool_choice and "tools" not in (tokenizer.chat_template or
+                                                                          tokenizer.hf.chat_template or ""):
+            logger.warning("the chat template never reads `tools`, so the model will not see the functions it may "
+                           "call; give a tool-aware one with --chat-template")
         names = args.served_model_names or [config.model or os.path.basename(ready.model_path.rstrip("/"))]
         # The engine core has logged the device, dtype and KV cache capacity.
         logger.info("serving %s as %s", ready.model_path, ", ".join(names))
@@ -72,7 +79,8 @@ async def serve(config: EngineConfig, args: ServerArgs) -> int:
         engine.supervise()
         admission = AdmissionLimit(ready.max_num_seqs + args.max_waiting_requests)
         state = ServerState(engine, tokenizer, ready, names, args.api_key, admission, args.request_timeout,
-                            trust_request_chat_template=args.trust_request_chat_template)
+                            trust_request_chat_template=args.trust_request_chat_template,
+                            tool_calling=args.tool_calling)
         runner = web.AppRunner(build_app(state, prometheus), handler_cancellation=True,
                                shutdown_timeout=_HANDLER_SHUTDOWN_TIMEOUT_S)
         await runner.setup()

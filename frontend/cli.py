@@ -26,6 +26,8 @@ from engine_core.config import (
     SpeculativeConfig,
 )
 from frontend.engine_supervisor import RestartPolicy
+from frontend.tool_calling import ToolCallingConfig
+from frontend.tool_parsers import TOOL_PARSERS
 from frontend.version import octavo_version
 
 # Enough for bursts; bounded so that overload answers 503 instead of queueing without end.
@@ -33,6 +35,8 @@ DEFAULT_MAX_WAITING_REQUESTS = 1024
 # After SIGTERM, how long requests in progress may take to finish: under Kubernetes' default
 # 30 s grace period, so they end with our error rather than a SIGKILL.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 25.0
+# Our ChatML template that renders tools in the Hermes format, for --chat-template.
+TOOL_CHAT_TEMPLATE_HERMES = os.path.join(os.path.dirname(__file__), "chat_templates", "tool_chat_template_hermes.jinja")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -165,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a Hugging Face checkpoint directory, a GGUF file, or a model id in the local Hugging "
                             "Face cache; none: the embedded default, SmolLM2-135M-Instruct")
     _add_server_flags(serve)
+    _add_chat_flags(serve)
     _add_lifetime_flags(serve)
     _add_engine_flags(serve)
     return parser
@@ -189,6 +194,39 @@ def _add_server_flags(serve: argparse.ArgumentParser) -> None:
     server.add_argument("--trust-request-chat-template", action="store_true",
                         help="render a chat template sent in a request's chat_template_kwargs; it is code the server "
                              "runs, so only where every client is trusted (default: refused with 400)")
+
+
+def _add_chat_flags(serve: argparse.ArgumentParser) -> None:
+    chat = serve.add_argument_group("chat templates and tool calling")
+    chat.add_argument("--chat-template", default=None, metavar="PATH_OR_TEMPLATE",
+                      help="a Jinja chat template (a file, or the template itself) in place of the model's; e.g. "
+                           f"{TOOL_CHAT_TEMPLATE_HERMES}, which renders tools for --tool-call-parser hermes "
+                           "(default: the model's own)")
+    chat.add_argument("--enable-auto-tool-choice", action="store_true",
+                      help='serve tool_choice "auto": the model decides whether to call a tool, and its calls are '
+                           "parsed from its output by --tool-call-parser (default: tool_choice \"auto\" is refused "
+                           "with 400)")
+    chat.add_argument("--tool-call-parser", choices=tuple(TOOL_PARSERS), default=None,
+                      help="the format of the model's tool calls: hermes (<tool_call> JSON: Qwen2.5, Qwen3, "
+                           "SmolLM2, Hermes), llama3_json (Llama 3.x), mistral ([TOOL_CALLS])")
+
+
+def load_chat_template(value: str) -> str:
+    """--chat-template: a file's text, or the value itself where it is a template."""
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template {value!r}: no such file, and not a Jinja template")
+
+
+def tool_calling_config(args: argparse.Namespace) -> ToolCallingConfig:
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser: say which format the model's "
+                         f"calls are in ({', '.join(TOOL_PARSERS)})")
+    return ToolCallingConfig(args.enable_auto_tool_choice, args.tool_call_parser)
 
 
 def _add_lifetime_flags(serve: argparse.ArgumentParser) -> None:
@@ -232,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = engine_config(args)
-    except ValueError as e:
+        tool_calling = tool_calling_config(args)
+        chat_template = None if args.chat_template is None else load_chat_template(args.chat_template)
+    except (ValueError, OSError) as e:
         args.command_parser.error(str(e))
     problem = check_model_path(args.model) or check_port_free(args.host, args.port)
     if problem is not None:
@@ -246,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         args.host, args.port, args.api_key, args.served_model_name, max_waiting_requests=args.max_waiting_requests,
         metrics_compat=args.metrics_compat, shutdown_timeout=args.shutdown_timeout,
         request_timeout=args.request_timeout, trust_request_chat_template=args.trust_request_chat_template,
+        chat_template=chat_template, tool_calling=tool_calling,
         restart_policy=RestartPolicy(args.max_engine_restarts, args.engine_restart_window))))
 
 

@@ -13,10 +13,12 @@ from frontend.tokenizer import ModelTokenizer
 
 async def chat_prompt(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool,
                       continue_final_message: bool = False,
-                      template_kwargs: dict[str, Any] | None = None) -> list[int]:
-    """The conversation's token ids: rendered by the chat template and tokenized, off the loop."""
+                      template_kwargs: dict[str, Any] | None = None,
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """The conversation's token ids: rendered by the chat template (with the tools, where the
+    request has some) and tokenized, off the loop."""
     text = await state.tokenizer.render_chat(messages, add_generation_prompt, continue_final_message,
-                                             template_kwargs)
+                                             template_kwargs, tools)
     check_text_fits(state.tokenizer, state.ready.max_model_len, text, "messages")
     # The template writes the special tokens (BOS included) itself.
     return await state.tokenizer.encode(text, add_special_tokens=False)

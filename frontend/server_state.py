@@ -11,6 +11,7 @@ from frontend.engine_client import EngineClient
 from frontend.engine_supervisor import EngineSupervisor
 from frontend.errors import APIError
 from frontend.tokenizer import ModelTokenizer
+from frontend.tool_calling import ToolCallingConfig
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class ServerState:
     request_timeout: float | None  # seconds; a request's own `request_timeout` overrides it
     draining: asyncio.Event = field(default_factory=asyncio.Event)  # set at SIGTERM: admit nothing new
     trust_request_chat_template: bool = False  # run a chat template sent in chat_template_kwargs
+    tool_calling: ToolCallingConfig = ToolCallingConfig()  # --enable-auto-tool-choice, --tool-call-parser
 
     @property
     def client(self) -> EngineClient:

@@ -12,6 +12,7 @@ and the streams of other requests carry on meanwhile.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,10 +37,11 @@ def import_transformers() -> None:
 
 
 class ModelTokenizer:
-    def __init__(self, model_path: str) -> None:
+    def __init__(self, model_path: str, chat_template: str | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.hf = AutoTokenizer.from_pretrained(model_path)
+        self.chat_template = chat_template  # --chat-template: in place of the model's own
         self.fast: Tokenizer = self.hf.backend_tokenizer
         # No token covers more bytes of the text than this: a token's string in the vocabulary
         # spells what it covers at least as long (byte-level BPE writes a byte as a character
@@ -90,22 +92,49 @@ class ModelTokenizer:
         return self.fast.decode_batch([[t] for t in token_ids], skip_special_tokens=False)
 
     async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
-                          continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> str:
+                          continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
+                          tools: list[dict[str, Any]] | None = None) -> str:
         """The conversation as the chat template writes it, special tokens (BOS included) and all."""
         return await self._off_loop(self._render_chat, messages, add_generation_prompt, continue_final_message,
-                                    template_kwargs)
+                                    template_kwargs, tools)
 
     def _render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool, continue_final_message: bool,
-                     template_kwargs: dict[str, Any] | None) -> str:
-        conversation = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
-                        for m in messages]
+                     template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None) -> str:
+        conversation = [_template_message(m, i) for i, m in enumerate(messages)]
         if continue_final_message and (add_generation_prompt or messages[-1].role != "assistant"):
             raise invalid_param("continue_final_message", "continue_final_message needs a final assistant "
                                 "message and add_generation_prompt false")
+        kwargs: dict[str, Any] = {"chat_template": self.chat_template} if self.chat_template is not None else {}
+        kwargs |= template_kwargs or {}
+        if tools is not None:  # the request's `tools` field wins over chat_template_kwargs.tools
+            kwargs["tools"] = tools
         try:
             return self.hf.apply_chat_template(conversation, tokenize=False,
                                                add_generation_prompt=add_generation_prompt,
-                                               continue_final_message=continue_final_message,
-                                               **(template_kwargs or {}))
+                                               continue_final_message=continue_final_message, **kwargs)
         except Exception as e:  # the template is code run on user input: its failures are 400s
             raise invalid_param("messages", f"the chat template cannot render these messages: {e}") from None
+
+
+def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:
+    """A message as Hugging Face chat templates take it: an assistant's calls with their
+    arguments as an object (templates write them with `tojson`), a tool result with its call's id."""
+    rendered: dict[str, Any] = {"role": message.role, "content": message.text()}
+    if message.name:
+        rendered["name"] = message.name
+    if message.tool_call_id is not None:
+        rendered["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        calls = []
+        for j, call in enumerate(message.tool_calls):
+            param = f"messages[{index}].tool_calls[{j}].function.arguments"
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError as e:
+                raise invalid_param(param, f"{param} must be JSON text of an object: {e}") from None
+            if not isinstance(arguments, dict):
+                raise invalid_param(param, f"{param} must be JSON text of an object, got {call.function.arguments!r}")
+            calls.append({"id": call.id, "type": call.type,
+                          "function": {"name": call.function.name, "arguments": arguments}})
+        rendered["tool_calls"] = calls
+    return rendered
