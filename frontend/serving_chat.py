@@ -28,9 +28,9 @@ from frontend.openai_protocol import (
 )
 from frontend.output_processor import ChoiceDelta
 from frontend.prompts import chat_prompt, check_max_tokens
-from frontend.structured_outputs import check_structured_outputs
 from frontend.request_body import decode_body
 from frontend.server_state import ServerState
+from frontend.structured_outputs import check_structured_outputs
 from frontend.tokenizer import ModelTokenizer
 from frontend.tool_calling import plan_tool_calls, template_tools
 from frontend.tool_parsers import ToolParser
