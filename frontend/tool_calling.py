@@ -75,24 +75,26 @@ def plan_tool_calls(body: ChatCompletionRequest, config: ToolCallingConfig) -> T
         known = ", ".join(repr(tool.function.name) for tool in body.tools)
         raise invalid_param("tool_choice.function.name", f"tool_choice names the function {name!r}, which is "
                             f"not among the tools ({known})")
-    return ToolPlan(lambda: NamedToolParser(name), _json_constraint(tool.function.parameters or _NO_PARAMETERS),
-                    False)
+    return ToolPlan(lambda: NamedToolParser(name),
+                    _json_constraint(closed_objects(tool.function.parameters or _NO_PARAMETERS)), False)
 
 
 def required_schema(tools: list[ChatTool], max_calls: int | None) -> dict[str, Any]:
     """A JSON array of calls, at least one, each `{"name": <a tool's name>, "parameters": <that
-    tool's arguments>}`. The tools' `$defs` move to the top, where their `$ref`s point."""
+    tool's arguments>}` and no other key (else a small model pads calls with keys of its own
+    until max_tokens cuts the array off). The tools' `$defs` move to the top, where their
+    `$ref`s point."""
     defs: dict[str, Any] = {}
     calls = []
     for i, tool in enumerate(tools):
-        parameters = dict(tool.function.parameters or _NO_PARAMETERS)
+        parameters = closed_objects(tool.function.parameters or _NO_PARAMETERS)
         for key, definition in parameters.pop("$defs", {}).items():
             if defs.setdefault(key, definition) != definition:
                 raise invalid_param(f"tools[{i}].function.parameters.$defs",
                                     f"tools define $defs.{key} differently; give their definitions distinct names")
         calls.append({"type": "object", "properties": {"name": {"type": "string", "enum": [tool.function.name]},
                                                        "parameters": parameters},
-                      "required": ["name", "parameters"]})
+                      "required": ["name", "parameters"], "additionalProperties": False})
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": calls}}
     if max_calls is not None:
         schema["maxItems"] = max_calls
@@ -153,6 +155,21 @@ def check_schema(schema: Any, path: str, depth: int) -> None:
     for key in _SUBSCHEMAS:
         if key in schema:
             check_schema(schema[key], f"{path}.{key}", depth + 1)
+
+
+def closed_objects(schema: Any) -> Any:
+    """A copy of a JSON schema in which every object that does not say otherwise takes only
+    its declared properties (`additionalProperties: false`, as OpenAI's strict mode requires).
+    A forced call then carries the function's own arguments: a small model otherwise invents
+    keys that the function would refuse."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: closed_objects(value) for key, value in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed
 
 
 def template_tools(tools: list[ChatTool] | None) -> list[dict[str, Any]] | None:

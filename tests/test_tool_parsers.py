@@ -11,7 +11,7 @@ import pytest
 
 from frontend.errors import APIError
 from frontend.openai_protocol import ChatCompletionRequest
-from frontend.tool_calling import ToolCallingConfig, plan_tool_calls, required_schema
+from frontend.tool_calling import ToolCallingConfig, closed_objects, plan_tool_calls, required_schema
 from frontend.tool_parsers import TOOL_PARSERS, ToolParser
 from frontend.tool_parsers.forced import NamedToolParser, RequiredToolParser
 
@@ -202,12 +202,27 @@ def test_forced_choices_constrain_the_output_with_a_json_schema():
     assert schema["type"] == "array" and schema["minItems"] == 1 and "maxItems" not in schema
     call = schema["items"]["anyOf"][0]
     assert call["properties"]["name"] == {"type": "string", "enum": ["get_weather"]}
-    assert call["properties"]["parameters"] == TOOL["function"]["parameters"]
+    # Objects take only their declared properties.
+    assert call["properties"]["parameters"] == {**TOOL["function"]["parameters"], "additionalProperties": False}
+    assert call["required"] == ["name", "parameters"] and call["additionalProperties"] is False
     single = plan_tool_calls(request(tools=[TOOL], tool_choice="required", parallel_tool_calls=False), AUTO)
     assert json.loads(single.structured_outputs.json)["maxItems"] == 1
     named_choice = {"type": "function", "function": {"name": "get_weather"}}
     named = plan_tool_calls(request(tools=[TOOL], tool_choice=named_choice), ToolCallingConfig())
-    assert json.loads(named.structured_outputs.json) == TOOL["function"]["parameters"]
+    assert json.loads(named.structured_outputs.json) == {**TOOL["function"]["parameters"], "additionalProperties": False}
+
+
+def test_forced_schemas_close_objects_unless_the_schema_says_otherwise():
+    schema = {"type": "object", "properties": {
+        "inner": {"type": "object", "properties": {"x": {"type": "integer"}}},
+        "open": {"type": "object", "properties": {}, "additionalProperties": True},
+        "items": {"type": "array", "items": {"type": "object", "properties": {"y": {"type": "string"}}}}}}
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["inner"]["additionalProperties"] is False
+    assert closed["properties"]["open"]["additionalProperties"] is True
+    assert closed["properties"]["items"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # a copy: the request's tools are left as sent
 
 
 def test_required_schema_lifts_the_tools_defs_to_the_top():
