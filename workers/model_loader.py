@@ -24,6 +24,7 @@ from workers.model_errors import ModelLoadError
 from workers.progress import progress
 from workers.models import MODEL_REGISTRY
 from workers.models.layers import Shard
+from workers.quantization.kv_cache import kv_scale_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -162,6 +163,7 @@ def _join(*parts: str) -> str:
 
 def load_weights(model: nn.Module, files: list[Path]) -> None:
     targets = checkpoint_targets(model)
+    kv_scales = kv_scale_names(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
     loaded: set[str] = set()
     with torch.no_grad(), progress(len(targets), "loading weights", "tensor") as bar:
@@ -169,6 +171,10 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
             with _open_safetensors(path) as checkpoint:
                 for name in checkpoint.keys():
                     if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                        continue
+                    if name in kv_scales:  # an FP8 KV cache's scale: a float of the attention layer
+                        layer, attribute = kv_scales[name]
+                        setattr(layer, attribute, float(checkpoint.get_tensor(name).float().reshape(-1)[0]))
                         continue
                     if name not in targets:
                         raise ModelLoadError(f"unexpected tensor {name!r} in {path}: no parameter of "
