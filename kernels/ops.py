@@ -98,3 +98,23 @@ def rejection_sample(draft_token_ids: torch.Tensor, cu_num_draft: torch.Tensor, 
                                        is_greedy, seeds, max_num_draft)
     return reference.rejection_sample(draft_token_ids, cu_num_draft, target_probs, draft_probs, bonus_token_ids,
                                       is_greedy, seeds, max_num_draft)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ (weight [N, K] float8 e4m3 * weight_scale [N])^T with x quantized to e4m3 per
+    token (or by the static input_scale); see kernels.reference.fp8_linear."""
+    if _use_triton(x):
+        from kernels.triton_fp8 import fp8_linear as triton_fp8_linear
+        return triton_fp8_linear(x, weight, weight_scale, input_scale)
+    return reference.fp8_linear(x, weight, weight_scale, input_scale)
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    """x [M, K] @ the 4-bit weight [K, N] (qweight [K / 8, N] int32, scales and zeros
+    [K / group_size, N]); see kernels.reference.w4a16_linear."""
+    if _use_triton(x):
+        from kernels.triton_w4a16 import w4a16_linear as triton_w4a16_linear
+        return triton_w4a16_linear(x, qweight, scales, zeros, group_size)
+    return reference.w4a16_linear(x, qweight, scales, zeros, group_size)

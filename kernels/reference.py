@@ -236,3 +236,44 @@ def rejection_sample(draft_token_ids: torch.Tensor, cu_num_draft: torch.Tensor, 
             noise = torch.empty_like(residual).exponential_(generator=generator)
             out[req, num_accepted] = (residual / noise).argmax()
     return out
+
+
+def quantize_fp8_per_token(x: torch.Tensor, input_scale: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] as float8 e4m3 and its float32 scales [M, 1], x ~ xq * scale: one scale per row
+    (amax / 448) or, with a static `input_scale` (one value), that one for every row."""
+    x32 = x.float()
+    if input_scale is None:
+        scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    else:
+        scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1)
+    return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE), scale
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T for W = weight [N, K] float8 e4m3 times weight_scale [N] (per output
+    channel): x is quantized to e4m3 per token (or with the static input_scale), the product
+    accumulates in float32 and is scaled per row and column, in x's dtype."""
+    xq, x_scale = quantize_fp8_per_token(x, input_scale)
+    y = (xq.float() @ weight.float().T) * x_scale * weight_scale.float()[None, :]
+    return y.to(x.dtype)
+
+
+def unpack_int4_rows(qweight: torch.Tensor) -> torch.Tensor:
+    """qweight [K / 8, N] int32, nibble j (bits 4j..4j+3) of row r holding weight row 8r + j
+    (GPTQ's packing along the input dim) -> [K, N] int32 in [0, 16)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+    nibbles = (qweight[:, None, :] >> shifts[None, :, None]) & 0xF  # [K / 8, 8, N]
+    return nibbles.reshape(-1, qweight.shape[1])
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    """x [M, K] @ W for the 4-bit W [K, N] = (q - zeros) * scales: q packed by
+    `unpack_int4_rows`' layout, scales and zeros [K / group_size, N] (zeros as floats in
+    [0, 16)), rows k of group k // group_size. Dequantizes the whole weight per call: the
+    reference favours clarity; the Triton kernel dequantizes tile by tile in registers."""
+    q = unpack_int4_rows(qweight).float()
+    weight = (q - zeros.float().repeat_interleave(group_size, 0)) * scales.float().repeat_interleave(group_size, 0)
+    return (x.float() @ weight).to(x.dtype)
