@@ -148,6 +148,9 @@ class EngineConfig(msgspec.Struct, omit_defaults=True):
         if self.quantization is not None:
             check_arg(self.quantization in QUANTIZATIONS, "quantization", self.quantization,
                       f"one of {QUANTIZATIONS} or None")
+            # Octavo serves a GGUF file dequantized to 16 bits: its own quantization is gone.
+            check_arg(not (self.model or "").endswith(".gguf"), "quantization", self.quantization,
+                      "None with a GGUF file (a Hugging Face checkpoint directory for quantization)")
         if self.speculative_config is not None:
             check_arg(not self.async_scheduling, "async_scheduling", self.async_scheduling,
                       "off (None or False) with speculative decoding")

@@ -73,9 +73,6 @@ class Worker:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # ranks share the cores
         self.tp_group = init_tensor_parallel(rank, world_size, init_method, self.device)
 
-        if config.quantization is not None and str(config.model or "").endswith(".gguf"):
-            raise ValueError(f"quantization {config.quantization!r} cannot apply to a GGUF file (Octavo serves "
-                             f"GGUF dequantized); give a Hugging Face checkpoint directory")
         self.model = load_model(self.model_dir, self.dtype, self.device, self.tp_group,
                                 dummy=config.load_format == "dummy", quantization=config.quantization)
         # Attention is always full: past a sliding window the model would differ from its
