@@ -17,6 +17,10 @@ EXECUTOR_BACKENDS = ("uni", "mp")
 # A process per rank: beyond the GPUs of any one host, and far beyond what a CPU can share.
 MAX_TENSOR_PARALLEL_SIZE = 64
 LOAD_FORMATS = ("auto", "dummy")
+KV_CACHE_DTYPES = ("auto", "fp8")  # fp8: float8_e4m3fn with per-tensor scales (vLLM's flag)
+# fp8 quantizes a 16-bit checkpoint's linear layers on the fly; the others name the method of a
+# pre-quantized checkpoint (its config.json's quantization_config), which is used without the flag.
+QUANTIZATIONS = ("fp8", "compressed-tensors", "awq", "gptq")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 # (max_num_seqs, max_num_batched_tokens) by device, when not given.
 CPU_SCHEDULING_LIMITS = (128, 2048)
@@ -110,6 +114,8 @@ class EngineConfig(msgspec.Struct, omit_defaults=True):
     # Off with speculative decoding, whose drafts come from the tokens of the step before.
     async_scheduling: bool | None = None
     speculative_config: SpeculativeConfig | None = None
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8: e4m3, twice the tokens of 16 bits
+    quantization: str | None = None  # None: the checkpoint's own (quantization_config), if any
 
     def __post_init__(self) -> None:
         check_arg(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
@@ -137,6 +143,14 @@ class EngineConfig(msgspec.Struct, omit_defaults=True):
                   "distributed_executor_backend", self.distributed_executor_backend,
                   f"'mp' or None with tensor_parallel_size {self.tensor_parallel_size}")
         check_arg(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")
+        check_arg(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
+                  f"one of {KV_CACHE_DTYPES}")
+        if self.quantization is not None:
+            check_arg(self.quantization in QUANTIZATIONS, "quantization", self.quantization,
+                      f"one of {QUANTIZATIONS} or None")
+            # Octavo serves a GGUF file dequantized to 16 bits: its own quantization is gone.
+            check_arg(not (self.model or "").endswith(".gguf"), "quantization", self.quantization,
+                      "None with a GGUF file (a Hugging Face checkpoint directory for quantization)")
         if self.speculative_config is not None:
             check_arg(not self.async_scheduling, "async_scheduling", self.async_scheduling,
                       "off (None or False) with speculative decoding")

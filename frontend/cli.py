@@ -20,8 +20,10 @@ from engine_core.config import (
     DTYPES,
     EXECUTOR_BACKENDS,
     GPU_SCHEDULING_LIMITS,
+    KV_CACHE_DTYPES,
     LARGE_GPU_SCHEDULING_LIMITS,
     LOAD_FORMATS,
+    QUANTIZATIONS,
     EngineConfig,
     SpeculativeConfig,
 )
@@ -148,6 +150,13 @@ ENGINE_FLAGS = (
                choices=EXECUTOR_BACKENDS),
     EngineFlag("load_format", "dummy: random weights and no checkpoint read, to benchmark a model shape from "
                "its config.json alone (default: %(default)s)", choices=LOAD_FORMATS),
+    EngineFlag("kv_cache_dtype", "fp8: the KV cache in float8 e4m3 with per-tensor scales (the checkpoint's "
+               "k_scale/v_scale, else 1.0), twice the tokens; auto: the model's dtype (default: %(default)s)",
+               choices=KV_CACHE_DTYPES),
+    EngineFlag("quantization", "fp8: quantize the linear layers' weights to float8 e4m3 on load (per-channel "
+               "scales, dynamic per-token activation scales); a pre-quantized checkpoint (fp8, "
+               "compressed-tensors, awq, gptq) is detected from its config.json without it "
+               "(default: none)", choices=QUANTIZATIONS),
     # JSON here; engine_config parses it, so that a bad one reads like any other bad value.
     EngineFlag("speculative_config", 'speculative decoding, as vLLM\'s: {"method": "ngram", '
                '"num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 4} or '

@@ -25,8 +25,10 @@ def _triton_kernels():
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                    decode_order: torch.Tensor | None = None) -> torch.Tensor:
-    args = (query, kv_cache, query_start_loc, seq_lens, block_tables, scale, decode_order)
+                    decode_order: torch.Tensor | None = None, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
+    """k_scale, v_scale: an FP8 (float8_e4m3fn) cache's per-tensor dequantization scales."""
+    args = (query, kv_cache, query_start_loc, seq_lens, block_tables, scale, decode_order, k_scale, v_scale)
     if _use_triton(query):
         return _triton_kernels().paged_attention(*args)
     return reference.paged_attention(*args)
@@ -42,9 +44,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 def norm_rope_write_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        positions: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
                        slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
-                       k_norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+                       k_norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                       k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     args = (query, key, value, positions, cos_sin_cache, kv_cache, slot_mapping, q_norm_weight,
-            k_norm_weight, eps)
+            k_norm_weight, eps, k_scale, v_scale)
     if _use_triton(query):
         return _triton_kernels().norm_rope_write_kv(*args)
     return reference.norm_rope_write_kv(*args)
@@ -115,3 +118,23 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
         from kernels.triton_bitmask import apply_token_bitmask as triton_apply_token_bitmask
         return triton_apply_token_bitmask(logits, bitmask, rows)
     return reference.apply_token_bitmask(logits, bitmask, rows)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ (weight [N, K] float8 e4m3 * weight_scale [N])^T with x quantized to e4m3 per
+    token (or by the static input_scale); see kernels.reference.fp8_linear."""
+    if _use_triton(x):
+        from kernels.triton_fp8 import fp8_linear as triton_fp8_linear
+        return triton_fp8_linear(x, weight, weight_scale, input_scale)
+    return reference.fp8_linear(x, weight, weight_scale, input_scale)
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    """x [M, K] @ the 4-bit weight [K, N] (qweight [K / 8, N] int32, scales and zeros
+    [K / group_size, N]); see kernels.reference.w4a16_linear."""
+    if _use_triton(x):
+        from kernels.triton_w4a16 import w4a16_linear as triton_w4a16_linear
+        return triton_w4a16_linear(x, qweight, scales, zeros, group_size)
+    return reference.w4a16_linear(x, qweight, scales, zeros, group_size)

@@ -81,8 +81,9 @@ def _attend_kv_tiles(acc, row_sum, row_max, q, k_ptr, v_ptr, block_table_ptr, q_
         offsets = (pages.to(tl.int64)[:, None] * stride_cache_block
                    + (kv_pos % PAGE_SIZE)[:, None] * stride_cache_slot + dims[None, :])
         # Masked-off slots load as 0: stale cache memory may hold NaN, and 0 * NaN poisons.
-        k = tl.load(k_ptr + offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + offsets, mask=kv_mask, other=0.0)
+        # An FP8 cache is widened to the query's dtype (its scales are applied outside the loop).
+        k = tl.load(k_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if CAUSAL_MASK:
             scores = tl.where(kv_pos[None, :] <= q_pos[:, None], scores, float("-inf"))
@@ -99,7 +100,7 @@ def _attend_kv_tiles(acc, row_sum, row_max, q, k_ptr, v_ptr, block_table_ptr, q_
 def _paged_attention_kernel(
     query_ptr, cache_ptr, out_ptr, split_acc_ptr, split_stats_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, decode_order_ptr,
-    qk_scale, num_reqs, num_heads, num_split_rows,
+    qk_scale, v_scale, num_reqs, num_heads, num_split_rows,
     stride_q_t, stride_q_h, stride_out_t, stride_out_h,
     stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_h,
     stride_block_tables,
@@ -174,6 +175,7 @@ def _paged_attention_kernel(
         stride_cache_block, stride_cache_slot, dims, dim_mask,
         CAUSAL_MASK=True, BLOCK_N=BLOCK_N, PAGE_SIZE=PAGE_SIZE, DOT_PRECISION=DOT_PRECISION)
 
+    acc = acc * v_scale  # an FP8 cache's values are value / v_scale; 1.0 otherwise
     out_mask = row_valid[:, None] & dim_mask[None, :]
     if NUM_SPLITS == 1:
         out = acc / row_sum[:, None]
@@ -257,22 +259,25 @@ def select_config(num_tokens: int, num_reqs: int, group: int, max_kv_len: int,
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                    decode_order: torch.Tensor | None = None) -> torch.Tensor:
+                    decode_order: torch.Tensor | None = None, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
     """decode_order: for a batch of one query per request only, the order in which to start the
-    requests' programs (`workers.attention.AttentionMetadata.decode_order`)."""
+    requests' programs (`workers.attention.AttentionMetadata.decode_order`). k_scale, v_scale:
+    an FP8 cache's dequantization scales (see `kernels.reference.paged_attention`)."""
     num_tokens, num_heads, _ = query.shape
     num_reqs, num_kv_heads = seq_lens.shape[0], kv_cache.shape[3]
     config = select_config(num_tokens, num_reqs, num_heads // num_kv_heads,
                            block_tables.shape[1] * kv_cache.shape[2], num_kv_heads, query.device)
     return paged_attention_with_config(query, kv_cache, query_start_loc, seq_lens, block_tables,
-                                       scale, config, decode_order)
+                                       scale, config, decode_order, k_scale, v_scale)
 
 
 def paged_attention_with_config(query: torch.Tensor, kv_cache: torch.Tensor,
                                 query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                                 block_tables: torch.Tensor, scale: float,
                                 config: AttentionConfig,
-                                decode_order: torch.Tensor | None = None) -> torch.Tensor:
+                                decode_order: torch.Tensor | None = None, k_scale: float = 1.0,
+                                v_scale: float = 1.0) -> torch.Tensor:
     """paged_attention with an explicit configuration (tests cover each path, benchmarks tune)."""
     num_tokens, num_heads, head_dim = query.shape
     num_reqs, num_kv_heads, page_size = seq_lens.shape[0], kv_cache.shape[3], kv_cache.shape[2]
@@ -301,7 +306,8 @@ def paged_attention_with_config(query: torch.Tensor, kv_cache: torch.Tensor,
         query_start_loc, seq_lens, block_tables,
         # Without an order the argument is unused: any tensor fills it.
         decode_order if decode_order is not None else seq_lens,
-        scale * _LOG2E, num_reqs, num_heads, num_split_rows,
+        # The key scale folds into the softmax scale: q . (k * s) = (q . k) * s.
+        scale * k_scale * _LOG2E, v_scale, num_reqs, num_heads, num_split_rows,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),

@@ -99,16 +99,23 @@ def _norm_rope_heads(x_ptr, stride_h, num_heads, norm_weight_ptr, eps, cos, sin,
 
 
 @triton.jit
+def _to_fp8_range(x, inv_scale):
+    """x / scale in float32, saturated to e4m3's finite range (it has no infinity)."""
+    return tl.clamp(x.to(tl.float32) * inv_scale, -448.0, 448.0)
+
+
+@triton.jit
 def _norm_rope_write_kv_kernel(
     positions_ptr, query_ptr, key_ptr, value_ptr, cos_sin_ptr, q_norm_ptr, k_norm_ptr,
-    query_out_ptr, cache_ptr, slot_mapping_ptr, eps,
+    query_out_ptr, cache_ptr, slot_mapping_ptr, eps, k_inv_scale, v_inv_scale,
     stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_cos_sin,
     stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_h,
     num_q_heads, num_kv_heads,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, HAS_NORM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, HAS_NORM: tl.constexpr, FP8_CACHE: tl.constexpr,
 ):
-    """One token: its query and key heads share one cos/sin row, its keys and values one slot."""
+    """One token: its query and key heads share one cos/sin row, its keys and values one slot.
+    An FP8 cache stores key * k_inv_scale and value * v_inv_scale, saturated to +-448."""
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
@@ -133,19 +140,25 @@ def _norm_rope_write_kv_kernel(
         kv_heads = tl.arange(0, BLOCK_HK)
         k_dst = (cache_ptr + (slot // PAGE_SIZE) * stride_cache_block
                  + (slot % PAGE_SIZE) * stride_cache_slot + kv_heads[:, None] * stride_cache_h + offs[None, :])
+        v_src = value_ptr + token * stride_v_t + kv_heads[:, None] * stride_v_h + offs[None, :]
+        v1 = tl.load(v_src, mask=kv_mask)
+        v2 = tl.load(v_src + HALF, mask=kv_mask)
+        if FP8_CACHE:
+            k1, k2 = _to_fp8_range(k1, k_inv_scale), _to_fp8_range(k2, k_inv_scale)
+            v1, v2 = _to_fp8_range(v1, v_inv_scale), _to_fp8_range(v2, v_inv_scale)
         cache_dtype = cache_ptr.dtype.element_ty
         tl.store(k_dst, k1.to(cache_dtype), mask=kv_mask)
         tl.store(k_dst + HALF, k2.to(cache_dtype), mask=kv_mask)
-        v_src = value_ptr + token * stride_v_t + kv_heads[:, None] * stride_v_h + offs[None, :]
         v_dst = k_dst + stride_cache_kv
-        tl.store(v_dst, tl.load(v_src, mask=kv_mask).to(cache_dtype), mask=kv_mask)
-        tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=kv_mask).to(cache_dtype), mask=kv_mask)
+        tl.store(v_dst, v1.to(cache_dtype), mask=kv_mask)
+        tl.store(v_dst + HALF, v2.to(cache_dtype), mask=kv_mask)
 
 
 def norm_rope_write_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        positions: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
                        slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
-                       k_norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+                       k_norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                       k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """One launch for what ran as four (q norm, k norm, rotary embedding, cache write): at decode
     batch sizes each was a few microseconds of launch and latency, on every layer."""
     num_tokens, num_q_heads, head_dim = query.shape
@@ -162,14 +175,14 @@ def norm_rope_write_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         positions, query, key, value, cos_sin_cache,
         # Without norms the weight arguments are unused: any tensor fills them.
         q_norm_weight if has_norm else query, k_norm_weight if has_norm else key,
-        out, kv_cache, slot_mapping, eps,
+        out, kv_cache, slot_mapping, eps, 1.0 / k_scale, 1.0 / v_scale,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         cos_sin_cache.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         num_q_heads, num_kv_heads,
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
-        PAGE_SIZE=kv_cache.shape[2], HAS_NORM=has_norm,
+        PAGE_SIZE=kv_cache.shape[2], HAS_NORM=has_norm, FP8_CACHE=kv_cache.dtype == torch.float8_e4m3fn,
     )
     return out
 

@@ -31,6 +31,11 @@ from load_tests.throughput import measure_device, model_costs, weight_bytes_touc
 _WARMUP_STEPS = 8
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():  # the CPU runs a tiny shape to check the script
+        torch.cuda.synchronize()
+
+
 def max_tokens(batch: int, context_len: int, num_steps: int, max_num_batched_tokens: int) -> int:
     """Output tokens each request may need: those finishing their prompt early decode while the
     others prefill, then come the warm-up and the timed steps (and the steps in flight)."""
@@ -73,11 +78,11 @@ def octavo_step_seconds(llm, batch: int, context_len: int, num_steps: int,
     for _ in range(_WARMUP_STEPS):
         step()
     total_context = batch * context_len + sum(generated.values())
-    torch.cuda.synchronize()
+    _sync()
     start = time.perf_counter()
     for _ in range(num_steps):
         engine.step()
-    torch.cuda.synchronize()
+    _sync()
     seconds = (time.perf_counter() - start) / num_steps
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:

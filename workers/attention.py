@@ -39,7 +39,9 @@ class Attention(nn.Module):
 
     Before the cache write, q and k are rotated and, with `qk_norm` (Qwen3), normalized per
     head: one fused kernel does all of it. The KV cache tensor is bound by the model runner after
-    it sizes the cache (`[2, num_blocks, block_size, num_kv_heads, head_dim]`).
+    it sizes the cache (`[2, num_blocks, block_size, num_kv_heads, head_dim]`). An FP8 cache
+    holds key / k_scale and value / v_scale: per-tensor scales from the checkpoint (its
+    `k_scale` / `v_scale` tensors, set by the loader), 1.0 where it has none.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
@@ -49,6 +51,8 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.kv_cache = torch.empty(0)
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 rotary: RotaryEmbedding, attn_metadata: AttentionMetadata,
@@ -58,10 +62,11 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         norm_args = (qk_norm[0].weight, qk_norm[1].weight, qk_norm[0].eps) if qk_norm else ()
         q = ops.norm_rope_write_kv(q, k, v, positions, rotary.cos_sin_cache, self.kv_cache,
-                                   attn_metadata.slot_mapping, *norm_args)
+                                   attn_metadata.slot_mapping, *norm_args, k_scale=self.k_scale,
+                                   v_scale=self.v_scale)
         out = ops.paged_attention(q, self.kv_cache, attn_metadata.query_start_loc,
                                   attn_metadata.seq_lens, attn_metadata.block_tables, self.scale,
-                                  attn_metadata.decode_order)
+                                  attn_metadata.decode_order, self.k_scale, self.v_scale)
         return out.view(-1, self.num_heads * self.head_dim)
 
 

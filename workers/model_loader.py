@@ -24,6 +24,9 @@ from workers.model_errors import ModelLoadError
 from workers.progress import progress
 from workers.models import MODEL_REGISTRY
 from workers.models.layers import Shard
+from workers.quantization.base import LinearMethod, process_quantized_layers
+from workers.quantization.config import linear_method
+from workers.quantization.kv_cache import kv_scale_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -86,29 +89,50 @@ def load_hf_config(model_dir: Path) -> Any:
 
 
 def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device,
-               tp_group: TensorParallelGroup = SINGLE_RANK, dummy: bool = False) -> nn.Module:
+               tp_group: TensorParallelGroup = SINGLE_RANK, dummy: bool = False,
+               quantization: str | None = None) -> nn.Module:
     """The checkpoint's model on `device`; with a `tp_group` of several ranks, this rank's
     shard of it, reading only that shard's part of each checkpoint tensor. `dummy`: random
-    weights from config.json alone, to benchmark a shape whose checkpoint cannot be had."""
+    weights from config.json alone, to benchmark a shape whose checkpoint cannot be had.
+    `quantization`: --quantization (None: the checkpoint's quantization_config, if any)."""
     model_dir = Path(model_dir)
     hf_config = load_hf_config(model_dir)
+    quant = linear_method(hf_config, quantization, dtype, torch.device(device))
     files = [] if dummy else safetensors_files(model_dir)
     # Parameters are torch.empty, so building straight on the device costs no init time.
     with torch.device(device):
-        model = model_class(model_dir)(hf_config, dtype, tp_group)
+        model = _build(model_class(model_dir), hf_config, dtype, tp_group, quant)
     if dummy:
         init_dummy_weights(model)
     else:
-        load_weights(model, files)
+        load_weights(model, files, getattr(quant, "ignored_suffixes", ()))
+    process_quantized_layers(model)
     return model.eval()
+
+
+def _build(cls: type[nn.Module], hf_config: Any, dtype: torch.dtype, tp_group: TensorParallelGroup,
+           quant: LinearMethod | None) -> nn.Module:
+    if quant is None:
+        return cls(hf_config, dtype, tp_group)
+    try:
+        return cls(hf_config, dtype, tp_group, quant=quant)
+    except TypeError as e:
+        raise ModelLoadError(f"{cls.__name__} does not support quantized linear layers") from e
 
 
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module) -> None:
     """Small uniform values, as vLLM's dummy format: activations stay finite through any
-    depth. Drawn from the torch seed, so ranks agree on the replicated parameters."""
+    depth. Drawn from the torch seed, so ranks agree on the replicated parameters. Packed
+    integers (4-bit weights, zero points) take random bits; float8 weights, values drawn in
+    float32."""
     for param in model.parameters():
-        param.uniform_(-1e-3, 1e-3)
+        if not param.dtype.is_floating_point:
+            param.random_(-(1 << 31), (1 << 31) - 1)
+        elif param.dtype.itemsize == 1:
+            param.copy_(torch.empty_like(param, dtype=torch.float32).uniform_(-1e-3, 1e-3))
+        else:
+            param.uniform_(-1e-3, 1e-3)
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -160,8 +184,11 @@ def _join(*parts: str) -> str:
     return ".".join(part for part in parts if part)
 
 
-def load_weights(model: nn.Module, files: list[Path]) -> None:
+def load_weights(model: nn.Module, files: list[Path], ignored_suffixes: tuple[str, ...] = ()) -> None:
+    """`ignored_suffixes`: checkpoint tensors the quantization method does not read."""
+    ignored = IGNORED_SUFFIXES + ignored_suffixes
     targets = checkpoint_targets(model)
+    kv_scales = kv_scale_names(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
     # (checkpoint substring, ours) pairs: a family's checkpoint names that differ from the
     # module names it shares with another (Mixtral's experts, named as Qwen3-MoE's).
@@ -171,7 +198,11 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
         for path in files:
             with _open_safetensors(path) as checkpoint:
                 for name in checkpoint.keys():
-                    if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                    if name.endswith(ignored) or (tied and name == "lm_head.weight"):
+                        continue
+                    if name in kv_scales:  # an FP8 KV cache's scale: a float of the attention layer
+                        layer, attribute = kv_scales[name]
+                        setattr(layer, attribute, float(checkpoint.get_tensor(name).float().reshape(-1)[0]))
                         continue
                     key = name
                     for theirs, ours in renames:
@@ -201,7 +232,9 @@ def _load_tensor(checkpoint: Any, name: str, target: Target, path: Path) -> None
     rank holds (`get_slice` reads just those bytes of the file)."""
     param, shard = target.param, target.shard
     tensor_slice = checkpoint.get_slice(name)
-    shape = tuple(tensor_slice.get_shape())
+    # A per-tensor scale may be saved as a 0-d tensor; its parameter holds it as [1].
+    scalar = not tensor_slice.get_shape()
+    shape = (1,) if scalar else tuple(tensor_slice.get_shape())
     dest = param.data if shard is None or shard.stack_index is None else param.data[shard.stack_index]
     expected = list(dest.shape)
     if shard is not None:
@@ -211,8 +244,9 @@ def _load_tensor(checkpoint: Any, name: str, target: Target, path: Path) -> None
     if shard is None:
         # Adopt the tensor: on the CPU in the same dtype it stays a view of the memory-mapped
         # file, saving a copy into freshly faulted-in memory.
-        param.data = checkpoint.get_tensor(name).to(device=param.device, dtype=param.dtype)
+        param.data = checkpoint.get_tensor(name).reshape(shape).to(device=param.device, dtype=param.dtype)
         return
     index = [slice(None)] * len(shape)
     index[shard.dim] = slice(shard.start, shard.start + shard.size)
-    dest.narrow(shard.dim, shard.offset, shard.size).copy_(tensor_slice[tuple(index)])
+    part = checkpoint.get_tensor(name).reshape(1) if scalar else tensor_slice[tuple(index)]
+    dest.narrow(shard.dim, shard.offset, shard.size).copy_(part)

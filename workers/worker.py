@@ -19,6 +19,7 @@ from workers.model_loader import load_hf_config, load_model, resolve_dtype
 from workers.model_runner import ModelRunner
 from workers.model_source import resolve_model
 from workers.ngram_proposer import NgramProposer
+from workers.quantization.kv_cache import kv_cache_dtype
 from workers.spec_decode import DraftProposer
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Worker:
         hf_config = load_hf_config(self.model_dir)
         text_config = hf_config.get_text_config()
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
+        self.kv_cache_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.device)
         # Every rank draws the same random numbers (sampling keys, dummy weights), so all
         # sample the same tokens from the same gathered logits.
         torch.manual_seed(config.seed)
@@ -72,7 +74,7 @@ class Worker:
         self.tp_group = init_tensor_parallel(rank, world_size, init_method, self.device)
 
         self.model = load_model(self.model_dir, self.dtype, self.device, self.tp_group,
-                                dummy=config.load_format == "dummy")
+                                dummy=config.load_format == "dummy", quantization=config.quantization)
         # Attention is always full: past a sliding window the model would differ from its
         # reference, so the window bounds the context like max_position_embeddings does.
         model_max_len = min(x for x in (getattr(text_config, "max_position_embeddings", None),
@@ -88,6 +90,11 @@ class Worker:
         # The draft model's KV blocks are the target's block ids in tensors of its own.
         self.kv_models = [self.model] + ([self.draft_model] if self.draft_model is not None else [])
         self.num_kv_blocks = self._num_kv_blocks()
+        if rank == 0 and self.kv_cache_dtype != self.dtype:
+            ratio = self.dtype.itemsize / self.kv_cache_dtype.itemsize
+            logger.info("KV cache in %s: %d tokens, %gx what %s would hold in the same memory",
+                        str(self.kv_cache_dtype).removeprefix("torch."),
+                        self.num_kv_blocks * config.block_size, ratio, str(self.dtype).removeprefix("torch."))
         kv_caches = [self._allocate_kv_caches(model) for model in self.kv_models]
         self.eos_token_ids = _eos_token_ids(self.model_dir, text_config)
         self.model_runner = ModelRunner(self.model, kv_caches[0], config.block_size, self.max_num_seqs,
@@ -133,10 +140,10 @@ class Worker:
     def _allocate_kv_caches(self, model: torch.nn.Module) -> list[torch.Tensor]:
         layers = model.attention_layers()
         shape = (2, self.num_kv_blocks, self.config.block_size, layers[0].num_kv_heads, layers[0].head_dim)
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers]
+        return [torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device) for _ in layers]
 
     def _block_bytes(self) -> int:
-        element_size = torch.empty(0, dtype=self.dtype).element_size()
+        element_size = self.kv_cache_dtype.itemsize
         return sum(2 * len(layers) * self.config.block_size * layers[0].num_kv_heads * layers[0].head_dim
                    * element_size for layers in (model.attention_layers() for model in self.kv_models))
 

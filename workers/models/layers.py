@@ -10,12 +10,17 @@ summing the partial outputs with one all-reduce. Each parallel layer says, throu
 `checkpoint_shards(param_name)`, which part of which checkpoint tensor fills each of its
 parameters (a `Shard`); the loader reads just that part. With one rank there is no `Shard`
 (the whole tensor fills the parameter) and no collective.
+
+Quantized checkpoints: a linear layer given a `LinearMethod` (workers/quantization) lets it
+create the parameters (packed weights, scales, zero points), each with a `ParamLayout` saying
+how its dims follow the output and input features, so the same sharding serves every format.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,9 @@ from torch import nn
 
 from kernels import ops
 from workers.distributed import SINGLE_RANK, TensorParallelGroup
+
+if TYPE_CHECKING:  # the quantization methods import this module
+    from workers.quantization.base import LinearMethod
 
 @dataclass(frozen=True)
 class Shard:
@@ -50,21 +58,73 @@ def even_shard(full: int, tp: TensorParallelGroup, dim: int = 0) -> Shard:
     return Shard(dim, full, tp.rank * size, size)
 
 
+@dataclass(frozen=True)
+class ParamLayout:
+    """How a linear layer's parameter follows its features: dim `out_dim` holds the output
+    features `out_pack` to an element (8 for int4 packed in int32, 128 for a block or group
+    scale), `in_dim` the input features likewise; None: no such dim (replicated along it).
+    `per_part`: one element per checkpoint tensor a fused layer joins (a per-tensor scale)."""
+
+    out_dim: int | None = 0
+    in_dim: int | None = 1
+    out_pack: int = 1
+    in_pack: int = 1
+    per_part: bool = False
+
+    def output_shard(self, shard: Shard, part: int) -> Shard:
+        """The parameter's part filled by fused part number `part`, which takes `shard`'s rows."""
+        if self.per_part:
+            return Shard(0, 1, 0, 1, offset=part)
+        assert self.out_dim is not None, "a fused layer's parameters follow its output features"
+        return _packed(shard, self.out_dim, self.out_pack)
+
+    def input_shard(self, shard: Shard | None) -> Shard | None:
+        """This rank's part of the parameter when the input features are sharded."""
+        if shard is None or self.in_dim is None:
+            return None
+        return _packed(shard, self.in_dim, self.in_pack)
+
+
+def _packed(shard: Shard, dim: int, pack: int) -> Shard:
+    if (shard.start | shard.size | shard.offset | shard.full) % pack:
+        raise ValueError(f"a shard of {shard.size} features at {shard.start} does not align with "
+                         f"the checkpoint's packing of {pack} features; use another tensor_parallel_size")
+    return Shard(dim, shard.full // pack, shard.start // pack, shard.size // pack, shard.offset // pack)
+
+
+WEIGHT_LAYOUTS = {"weight": ParamLayout(), "bias": ParamLayout(in_dim=None)}
+
+
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
 class Linear(nn.Module):
     """y = x W^T + b, with W of shape [out_features, in_features] as in torch and checkpoints;
-    replicated on every rank."""
+    replicated on every rank. With a `quant` method, it holds W in that method's parameters and
+    computes x W^T through it; the bias stays in the model's dtype."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 quant: LinearMethod | None = None) -> None:
         super().__init__()
-        self.weight = _param(out_features, in_features, dtype=dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.quant = quant
+        self.layouts: dict[str, ParamLayout] = dict(WEIGHT_LAYOUTS)
+        if quant is None:
+            self.weight = _param(out_features, in_features, dtype=dtype)
+        else:
+            quant.create_weights(self, dtype)
         self.bias = _param(out_features, dtype=dtype) if bias else None
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T, without the bias."""
+        return F.linear(x, self.weight) if self.quant is None else self.quant.apply(self, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.quant is None:
+            return F.linear(x, self.weight, self.bias)
+        y = self.quant.apply(self, x)
+        return y if self.bias is None else y + self.bias
 
 
 class MergedColumnParallelLinear(Linear):
@@ -78,19 +138,21 @@ class MergedColumnParallelLinear(Linear):
     """
 
     def __init__(self, in_features: int, parts: dict[str, Shard], bias: bool,
-                 dtype: torch.dtype) -> None:
-        super().__init__(in_features, sum(part.size for part in parts.values()), bias, dtype)
-        self.shards: dict[str, Shard] = {}
+                 dtype: torch.dtype, quant: LinearMethod | None = None) -> None:
+        self.shards: dict[str, Shard] = {}  # before the quant method's create_weights reads it
         offset = 0
         for name, part in parts.items():
             self.shards[name] = dataclasses.replace(part, offset=offset)
             offset += part.size
+        super().__init__(in_features, offset, bias, dtype, quant)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return y.split([shard.size for shard in self.shards.values()], dim=-1)
 
     def checkpoint_shards(self, param_name: str) -> ShardMap:
-        return dict(self.shards)
+        layout = self.layouts[param_name]
+        return {name: layout.output_shard(shard, part)
+                for part, (name, shard) in enumerate(self.shards.items())}
 
 
 class RowParallelLinear(Linear):
@@ -98,20 +160,20 @@ class RowParallelLinear(Linear):
     each rank multiplies its slice, one all-reduce sums them, and the bias is added once, after."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-                 tp: TensorParallelGroup = SINGLE_RANK) -> None:
+                 tp: TensorParallelGroup = SINGLE_RANK, quant: LinearMethod | None = None) -> None:
         shard = even_shard(in_features, tp, dim=1)
-        super().__init__(shard.size, out_features, bias, dtype)
+        super().__init__(shard.size, out_features, bias, dtype, quant)
         self.tp = tp
         self.shard = shard if tp.world_size > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+            return super().forward(x)
+        y = self.tp.all_reduce(self.matmul(x))
         return y if self.bias is None else y + self.bias
 
     def checkpoint_shards(self, param_name: str) -> ShardMap:
-        return {None: self.shard if param_name == "weight" else None}
+        return {None: self.layouts[param_name].input_shard(self.shard)}
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -8,6 +8,9 @@ Module names mirror Hugging Face's (`model.layers.N.self_attn...`), except the f
 Tensor parallel (Megatron-style): each rank holds num_heads / N query heads and their KV heads
 (or, with fewer KV heads than ranks, a copy of the one its query heads use), and 1/N of the
 MLP; o_proj and down_proj all-reduce. Norms and the rotary cache are replicated.
+
+Quantized (a `quant` LinearMethod): every linear layer of the decoder holds its weights in the
+method's format; the embedding, the norms and the LM head stay in the model's dtype.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 from kernels import ops
 from workers.attention import Attention, AttentionMetadata
 from workers.distributed import SINGLE_RANK, TensorParallelGroup
+from workers.quantization.base import LinearMethod
 from workers.models.layers import (MergedColumnParallelLinear, ParallelLMHead, RMSNorm,
                                    RowParallelLinear, Shard, VocabParallelEmbedding, even_shard)
 from workers.models.rotary import RotaryEmbedding, compute_inv_freq
@@ -79,7 +83,7 @@ class LlamaAttention(nn.Module):
     """Attention over this rank's heads: `num_heads` and `num_kv_heads` are local counts."""
 
     def __init__(self, config: Any, options: LayerOptions, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, tp: TensorParallelGroup) -> None:
+                 dtype: torch.dtype, tp: TensorParallelGroup, quant: LinearMethod | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim_of(config)
         q_shard = even_shard(config.num_attention_heads * self.head_dim, tp)
@@ -88,8 +92,8 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = k_shard.size // self.head_dim
         self.qkv_proj = MergedColumnParallelLinear(
             config.hidden_size, {"q_proj": q_shard, "k_proj": k_shard, "v_proj": k_shard},
-            options.qkv_bias, dtype)
-        self.o_proj = RowParallelLinear(q_shard.full, config.hidden_size, options.o_bias, dtype, tp)
+            options.qkv_bias, dtype, quant)
+        self.o_proj = RowParallelLinear(q_shard.full, config.hidden_size, options.o_bias, dtype, tp, quant)
         if options.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
@@ -106,15 +110,15 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: Any, options: LayerOptions, dtype: torch.dtype,
-                 tp: TensorParallelGroup) -> None:
+                 tp: TensorParallelGroup, quant: LinearMethod | None = None) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; supported: 'silu'")
         shard = even_shard(config.intermediate_size, tp)
         self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, {"gate_proj": shard, "up_proj": shard}, options.mlp_bias, dtype)
+            config.hidden_size, {"gate_proj": shard, "up_proj": shard}, options.mlp_bias, dtype, quant)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size,
-                                           options.mlp_bias, dtype, tp)
+                                           options.mlp_bias, dtype, tp, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
@@ -122,10 +126,11 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, options: LayerOptions, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, tp: TensorParallelGroup, mlp: nn.Module) -> None:
+                 dtype: torch.dtype, tp: TensorParallelGroup, mlp: nn.Module,
+                 quant: LinearMethod | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(config, options, rotary, dtype, tp)
+        self.self_attn = LlamaAttention(config, options, rotary, dtype, tp, quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = mlp
 
@@ -140,13 +145,15 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, options: LayerOptions, dtype: torch.dtype,
-                 tp: TensorParallelGroup, make_mlp: Callable[[int], nn.Module]) -> None:
+                 tp: TensorParallelGroup, make_mlp: Callable[[int], nn.Module],
+                 quant: LinearMethod | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, tp)
         self.rotary_emb = RotaryEmbedding(config.max_position_embeddings,
                                           compute_inv_freq(config, head_dim_of(config)))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, options, self.rotary_emb, dtype, tp, make_mlp(index))
-                                    for index in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, options, self.rotary_emb, dtype, tp, make_mlp(index), quant)
+            for index in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -166,14 +173,15 @@ class LlamaForCausalLM(nn.Module):
     With a `tp` group of N ranks this is rank `tp.rank`'s shard: every rank runs `forward` on
     the same inputs, and `compute_logits` gives every rank the full vocabulary's logits."""
 
-    def __init__(self, config: Any, dtype: torch.dtype, tp: TensorParallelGroup = SINGLE_RANK) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, tp: TensorParallelGroup = SINGLE_RANK,
+                 quant: LinearMethod | None = None) -> None:
         super().__init__()
         check_tensor_parallel(config, tp.world_size)
         self.config = config
         self.tp = tp
         options = self.layer_options(config)
         self.model = LlamaModel(config, options, dtype, tp,
-                                lambda index: self.feed_forward(config, index, options, dtype, tp))
+                                lambda index: self.feed_forward(config, index, options, dtype, tp, quant), quant)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype, tp)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -186,10 +194,10 @@ class LlamaForCausalLM(nn.Module):
 
     @staticmethod
     def feed_forward(config: Any, layer_index: int, options: LayerOptions, dtype: torch.dtype,
-                     tp: TensorParallelGroup) -> nn.Module:
+                     tp: TensorParallelGroup, quant: LinearMethod | None) -> nn.Module:
         """Layer `layer_index`'s feed-forward block: the dense MLP here, a mixture of experts in
         the MoE models (workers/models/moe.py)."""
-        return LlamaMLP(config, options, dtype, tp)
+        return LlamaMLP(config, options, dtype, tp, quant)
 
     @property
     def sliding_window(self) -> int | None:

@@ -21,6 +21,13 @@ from workers.models.fused_moe import FusedMoE
 from workers.models.layers import Linear
 from workers.models.llama import LayerOptions, MistralForCausalLM
 from workers.models.qwen3 import Qwen3ForCausalLM
+from workers.quantization.base import LinearMethod
+
+
+def check_unquantized_experts(quant: LinearMethod | None) -> None:
+    if quant is not None:
+        raise ValueError("quantized mixture-of-experts layers are not supported yet: serve this model "
+                         "without --quantization (and from an unquantized checkpoint)")
 
 
 class SparseMoeBlock(nn.Module):
@@ -44,7 +51,8 @@ class MixtralForCausalLM(MistralForCausalLM):
 
     @staticmethod
     def feed_forward(config: Any, layer_index: int, options: LayerOptions, dtype: torch.dtype,
-                     tp: TensorParallelGroup) -> nn.Module:
+                     tp: TensorParallelGroup, quant: LinearMethod | None) -> nn.Module:
+        check_unquantized_experts(quant)
         return SparseMoeBlock(config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
                               config.intermediate_size, True, config.hidden_act, dtype, tp)
 
@@ -52,11 +60,12 @@ class MixtralForCausalLM(MistralForCausalLM):
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     @staticmethod
     def feed_forward(config: Any, layer_index: int, options: LayerOptions, dtype: torch.dtype,
-                     tp: TensorParallelGroup) -> nn.Module:
+                     tp: TensorParallelGroup, quant: LinearMethod | None) -> nn.Module:
         sparse = (layer_index not in config.mlp_only_layers and config.num_experts > 0
                   and (layer_index + 1) % config.decoder_sparse_step == 0)
         if not sparse:
-            return Qwen3ForCausalLM.feed_forward(config, layer_index, options, dtype, tp)
+            return Qwen3ForCausalLM.feed_forward(config, layer_index, options, dtype, tp, quant)
+        check_unquantized_experts(quant)
         return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
                               config.moe_intermediate_size, config.norm_topk_prob, config.hidden_act,
                               dtype, tp)
