@@ -142,7 +142,10 @@ def main() -> None:
     for shape in args.shapes:
         config = tiny_config() if shape == "tiny" else shape_config(shape)
         args.workload = workload if shape == args.shapes[0] else 0
-        results[shape] = {variant: run_variant(config, variant, args) for variant in args.variants}
+        results[shape] = {}
+        for variant in args.variants:
+            results[shape][variant] = row = run_variant(config, variant, args)
+            print(f"{shape} {variant}: {json.dumps(row)}", flush=True)  # kept if a later variant fails
         if args.gemm and torch.cuda.is_available():
             gemm_table(shape)
 
