@@ -78,7 +78,7 @@ def main() -> None:
 
     schema = json.dumps(DEFAULT_SCHEMA) if args.json_schema is None else open(args.json_schema).read()
     async_scheduling = {"auto": None, "on": True, "off": False}[args.async_scheduling]
-    llm = LLM(args.model, async_scheduling=async_scheduling)
+    llm = LLM(args.model, async_scheduling=async_scheduling, max_model_len=args.prompt_len + args.output_len)
     rng = random.Random(0)
     prompts = [[rng.randrange(1000, 10000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
 
