@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-_FP8_MAX = 448.0
+_FP8_MAX = tl.constexpr(448.0)  # a constexpr: the only kind of global a kernel may read
 
 
 @triton.jit
