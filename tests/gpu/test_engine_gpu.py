@@ -20,6 +20,7 @@ import random
 import pytest
 import torch
 import transformers
+from tests.gpu.paged_steps import paged_step_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -59,7 +60,6 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])
 @torch.inference_mode()
 def test_mixed_batch_logits(checkpoint, dtype, bound):
-    from workers.attention import AttentionMetadata
     from workers.model_loader import load_model
 
     hf_cpu, path = checkpoint
@@ -80,18 +80,7 @@ def test_mixed_batch_logits(checkpoint, dtype, bound):
     tables = torch.randperm(num_blocks, dtype=torch.int32).view(len(seqs), -1)[:, :32].cuda()
 
     def run(chunks: list[tuple[int, int]]):
-        """One step: request i computes tokens [start, end) of its sequence."""
-        ids, pos, slots, starts, lens = [], [], [], [0], []
-        for i, (start, end) in enumerate(chunks):
-            ids += seqs[i][start:end]
-            pos += list(range(start, end))
-            slots += [int(tables[i, p // block_size]) * block_size + p % block_size for p in range(start, end)]
-            starts.append(starts[-1] + end - start)
-            lens.append(end)
-        md = AttentionMetadata(torch.tensor(slots, device="cuda"), torch.tensor(starts, dtype=torch.int32, device="cuda"),
-                               torch.tensor(lens, dtype=torch.int32, device="cuda"), tables)
-        hidden = ours(torch.tensor(ids, device="cuda"), torch.tensor(pos, device="cuda"), md)
-        return ours.compute_logits(hidden), starts
+        return paged_step_logits(ours, seqs, tables, block_size, chunks)
 
     # Step 1: partial prefills (one request has nothing to do yet). Step 2: the rest of the
     # prompts over their cached prefixes, mixed with a decode-length chunk.

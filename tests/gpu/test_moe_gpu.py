@@ -20,6 +20,7 @@ import random
 import pytest
 import torch
 import transformers
+from tests.gpu.paged_steps import paged_step_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -87,7 +88,6 @@ def checkpoint(tmp_path_factory):
 
 @torch.inference_mode()
 def test_mixed_batch_logits_bfloat16(checkpoint):
-    from workers.attention import AttentionMetadata
     from workers.model_loader import load_model
 
     hf, path = checkpoint
@@ -102,17 +102,7 @@ def test_mixed_batch_logits_bfloat16(checkpoint):
     tables = torch.randperm(num_blocks, dtype=torch.int32).view(len(seqs), -1)[:, :24].cuda()
 
     def run(chunks: list[tuple[int, int]]):
-        """One step: request i computes tokens [start, end) of its sequence."""
-        ids, pos, slots, starts, lens = [], [], [], [0], []
-        for i, (start, end) in enumerate(chunks):
-            ids += seqs[i][start:end]
-            pos += list(range(start, end))
-            slots += [int(tables[i, p // block_size]) * block_size + p % block_size for p in range(start, end)]
-            starts.append(starts[-1] + end - start)
-            lens.append(end)
-        md = AttentionMetadata(torch.tensor(slots, device="cuda"), torch.tensor(starts, dtype=torch.int32, device="cuda"),
-                               torch.tensor(lens, dtype=torch.int32, device="cuda"), tables)
-        return ours.compute_logits(ours(torch.tensor(ids, device="cuda"), torch.tensor(pos, device="cuda"), md)), starts
+        return paged_step_logits(ours, seqs, tables, block_size, chunks)
 
     run([(0, 200), (0, 30), (0, 0), (0, 1)])
     logits, starts = run([(200, 300), (30, 37), (0, 129), (1, 2)])
