@@ -44,6 +44,7 @@ class Request:
         self.status: RequestStatus = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | None = None
+        self.error: str | None = None  # with finish_reason ERROR: the engine's fault (a 500)
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of all_token_ids
         self.prompt_logprobs: list[Logprobs] = []  # chunks gathered until the first output
         self.stop_token_ids: frozenset[int] = request.sampling_params.stop_ids(eos_token_ids)

@@ -43,7 +43,7 @@ from engine_core.protocol import (
     now,
 )
 from engine_core.request import Request, RequestStatus
-from engine_core.structured_output import StructuredOutputManager
+from engine_core.structured_output import GrammarViolation, StructuredOutputManager
 from metrics.stats import SchedulerStats
 
 
@@ -359,14 +359,22 @@ class Scheduler:
             self.spec_stats.observe(num_drafts, num_accepted)
         new_token_ids = self._append_and_check_stop(request, token_ids)
         if request.grammar is not None:
-            past_end = self.structured_output.accept_tokens(request, new_token_ids)
-            if past_end and not request.is_finished:
-                request.finish(FinishReason.STOP)  # it ignores EOS, the only token the grammar left
+            self._advance_grammar(request, new_token_ids)
         if draft_token_ids is not None and not request.is_finished:
             request.spec_token_ids = self._trim_drafts(request, draft_token_ids)
             if request.grammar is not None:
                 request.spec_token_ids = self.structured_output.trim_drafts(request, request.spec_token_ids)
         return new_token_ids
+
+    def _advance_grammar(self, request: Request, token_ids: list[int]) -> None:
+        try:
+            past_end = self.structured_output.accept_tokens(request, token_ids)
+        except GrammarViolation as e:
+            request.finish(FinishReason.ERROR)
+            request.error = str(e)
+            return
+        if past_end and not request.is_finished:
+            request.finish(FinishReason.STOP)  # it ignores EOS, the only token the grammar left
 
     @staticmethod
     def _make_output(request: Request, new_token_ids: list[int], new_logprobs: Logprobs | None) -> EngineCoreOutput:
@@ -380,6 +388,8 @@ class Scheduler:
             stop_reason=request.stop_reason,
             num_cached_tokens=request.num_cached_tokens,
             scheduled_time=request.scheduled_time if is_first else 0.0,
+            error=request.error,
+            error_is_internal=request.error is not None,
         )
 
     def _remove_finished(self, request: Request) -> None:

@@ -24,6 +24,11 @@ from engine_core.request import Request
 from metrics.stats import SchedulerStats
 
 
+class GrammarViolation(RuntimeError):
+    """A sampled token the request's grammar refuses. The mask allows only tokens the grammar
+    takes, so this is a bug of ours, not the client's: the scheduler ends that request alone."""
+
+
 class StructuredOutputManager:
     """The grammar side of the scheduler. The compile thread starts with the first grammar
     request, and loads the tokenizer then, so engines that never see one pay nothing."""
@@ -102,9 +107,7 @@ class StructuredOutputManager:
             if matcher.is_stopped():
                 return True
             if not matcher.consume_token(token_id):
-                # The mask allowed only tokens the grammar takes: a bug, not the client's.
-                raise RuntimeError(f"request {request.request_id}: the grammar refused sampled token "
-                                   f"{token_id}: {matcher.get_error()}")
+                raise GrammarViolation(f"the grammar refused sampled token {token_id}: {matcher.get_error()}")
         return False
 
     def trim_drafts(self, request: Request, draft_token_ids: list[int]) -> list[int]:

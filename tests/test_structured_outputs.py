@@ -141,3 +141,35 @@ def test_ngram_speculation_under_a_grammar_matches_no_speculation(model_path):
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
     for out, p in zip(got, params):
         assert conforms(p.structured_outputs, out.text), out.text
+
+
+def test_a_sampled_token_the_grammar_refuses_ends_only_its_request(model_path):
+    """The masks should make it impossible; if a bug lets one through, that request ends with an
+    internal error and the others go on (the engine does not die)."""
+    from tokenizers import Tokenizer
+
+    from engine_core.kv_cache_manager import KVCacheManager
+    from engine_core.protocol import EngineCoreRequest, FinishReason, ModelRunnerOutput
+    from engine_core.request import Request
+    from engine_core.scheduler import Scheduler
+    from engine_core.structured_output import StructuredOutputManager
+
+    eos = frozenset([2])
+    manager = StructuredOutputManager(model_path, 49152, list(eos))
+    scheduler = Scheduler(KVCacheManager(64, 16, True), 256, 8, 256, None, manager)
+    constrained = SamplingParams(temperature=0, max_tokens=8, structured_outputs=Grammar(choice=CHOICES))
+    scheduler.add_request(Request(EngineCoreRequest("constrained", [5, 6, 7], constrained), eos))
+    scheduler.add_request(Request(EngineCoreRequest("free", [5, 6, 7], SamplingParams(max_tokens=8)), eos))
+    scheduler.requests["constrained"].grammar.result(timeout=60)
+    step = scheduler.schedule()
+    assert list(step.num_scheduled_tokens) == ["constrained", "free"] and step.grammar_request_ids == ["constrained"]
+    [refused] = Tokenizer.from_file(f"{model_path}/tokenizer.json").encode("Z").ids  # no choice starts so
+
+    outputs = {o.request_id: o for o in scheduler.update_from_output(
+        step, ModelRunnerOutput(request_ids=["constrained", "free"], sampled_token_ids=[[refused], [refused]]))}
+
+    assert outputs["constrained"].finish_reason == FinishReason.ERROR and outputs["constrained"].error_is_internal
+    assert f"refused sampled token {refused}" in outputs["constrained"].error
+    assert outputs["free"].finish_reason is None and outputs["free"].new_token_ids == [refused]
+    assert list(scheduler.requests) == ["free"] and scheduler.num_grammar_requests == 0
+    manager.shutdown()
