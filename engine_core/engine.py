@@ -155,12 +155,7 @@ class EngineCore:
         """Run the pipeline one step in the engine's StepMode and return the outputs collected.
         A step the workers fail to run ends only the request to blame (`_recover`)."""
         outputs, self.rejected = self.rejected, []
-        run_step = self._run_step
-        if self.step_mode is StepMode.ASYNC and self.scheduler.num_grammar_requests:
-            # A grammar's mask for the next step needs this step's token on the host: while
-            # any grammar request is in, each step is collected before the next is scheduled.
-            run_step = self._step_collect_first
-        num_tokens = run_step(outputs)
+        num_tokens = self._run_step(outputs)
         if self.scheduler.grammar_failures:
             outputs.extend(self.scheduler.grammar_failures)
             self.scheduler.grammar_failures = []
@@ -176,19 +171,29 @@ class EngineCore:
     # Each step function adds the outputs it collects to `outputs` and returns the number of
     # tokens of the step collected (0: none).
 
+    # A step launched is finished by `_sample_under_grammar` once no older step is in flight.
+
     def _step_sync(self, outputs: list[EngineCoreOutput]) -> int:
-        self._launch(outputs)
+        if self._launch(outputs):
+            self._sample_under_grammar(outputs)
         return self._collect(outputs) if self.in_flight else 0
 
     def _step_async(self, outputs: list[EngineCoreOutput]) -> int:
         launched = self._launch(outputs)
-        if not self.in_flight or (launched and len(self.in_flight) == 1):
-            return 0  # nothing to collect, or the pipeline's first step: collected next time
-        return self._collect(outputs)
+        if not self.in_flight:
+            return 0
+        if launched and len(self.in_flight) == 1:
+            self._sample_under_grammar(outputs)
+            return 0  # the pipeline's first step: collected next time
+        num_tokens = self._collect(outputs)
+        if launched:
+            self._sample_under_grammar(outputs)
+        return num_tokens
 
     def _step_collect_first(self, outputs: list[EngineCoreOutput]) -> int:
         num_tokens = self._collect(outputs) if self.in_flight else 0
-        self._launch(outputs)
+        if self._launch(outputs):
+            self._sample_under_grammar(outputs)
         return num_tokens
 
     def _launch(self, outputs: list[EngineCoreOutput]) -> bool:
@@ -203,6 +208,22 @@ class EngineCore:
             return False
         self.in_flight.append(scheduler_output)
         return True
+
+    def _sample_under_grammar(self, outputs: list[EngineCoreOutput]) -> None:
+        """Send the grammar masks of the step just launched, if it samples under any. Its
+        forward runs meanwhile; the masks need the matchers to have taken every token before
+        it, so no older step may still be in flight."""
+        if not self.in_flight:
+            return  # a failed collect dropped it
+        step = self.in_flight[-1]
+        if not step.grammar_request_ids:
+            return
+        assert len(self.in_flight) == 1, "grammar masks before the step before is collected"
+        try:
+            self.executor.sample_under_grammar(self.scheduler.grammar_bitmask(step))
+        except Exception as e:
+            self.in_flight.pop()
+            outputs.extend(self._recover(step, e))
 
     def _collect(self, outputs: list[EngineCoreOutput]) -> int:
         """Add the oldest step in flight's outputs to `outputs`; return its number of tokens."""

@@ -27,6 +27,8 @@ class WorkerLike(Protocol):
 
     def launch(self, scheduler_output: SchedulerOutput) -> None: ...
 
+    def sample_under_grammar(self, grammar_bitmask: bytes) -> None: ...
+
     def collect(self) -> ModelRunnerOutput: ...
 
     def reset(self) -> None: ...
@@ -54,6 +56,10 @@ class Executor(ABC):
 
     @abstractmethod
     def launch(self, scheduler_output: SchedulerOutput) -> None: ...
+
+    @abstractmethod
+    def sample_under_grammar(self, grammar_bitmask: bytes) -> None:
+        """Finish the last launched step, which samples under grammars, with their masks."""
 
     @abstractmethod
     def collect(self) -> ModelRunnerOutput: ...
@@ -84,6 +90,9 @@ class InProcessExecutor(Executor):
 
     def launch(self, scheduler_output: SchedulerOutput) -> None:
         self.worker.launch(scheduler_output)
+
+    def sample_under_grammar(self, grammar_bitmask: bytes) -> None:
+        self.worker.sample_under_grammar(grammar_bitmask)
 
     def collect(self) -> ModelRunnerOutput:
         return self.worker.collect()

@@ -77,6 +77,9 @@ class MultiprocExecutor(Executor):
     def launch(self, scheduler_output: SchedulerOutput) -> None:
         self._broadcast(WorkerCommand.LAUNCH, self.encoder.encode(scheduler_output))
 
+    def sample_under_grammar(self, grammar_bitmask: bytes) -> None:
+        self._broadcast(WorkerCommand.SAMPLE, grammar_bitmask)
+
     def collect(self) -> ModelRunnerOutput:
         self._broadcast(WorkerCommand.COLLECT)
         replies = self._gather()

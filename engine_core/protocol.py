@@ -332,11 +332,9 @@ class SchedulerOutput(msgspec.Struct, **_STRUCT):
     # token (its num_scheduled_tokens count them), and whether to propose drafts after this step.
     scheduled_spec_token_ids: dict[str, list[int]] = {}
     propose_drafts: bool = False
-    # Structured outputs: the requests that sample under a grammar this step, and the tokens
-    # each may take: a row per position it samples (1 + its drafts), ceil(vocab / 32) int32
-    # words of 32 token bits each (bit i of word w: token 32 w + i), rows in request order.
+    # Structured outputs: the requests that sample under a grammar this step. Their masks
+    # follow in a message of their own (WorkerCommand.SAMPLE), made while the forward runs.
     grammar_request_ids: list[str] = []
-    grammar_bitmask: bytes = b""
 
 
 class ModelRunnerOutput(msgspec.Struct, **_STRUCT):
@@ -352,11 +350,12 @@ class ModelRunnerOutput(msgspec.Struct, **_STRUCT):
 
 class WorkerCommand(bytes, enum.Enum):
     """First frame of every message the executor sends to a worker process (the payload of
-    LAUNCH is a SchedulerOutput; the others have none)."""
+    LAUNCH is a SchedulerOutput, that of SAMPLE packed grammar masks; the others have none)."""
 
     LAUNCH = b"\x00"  # enqueue a step
     COLLECT = b"\x01"  # finish the oldest step launched, and reply
     RESET = b"\x02"  # drop every request and step, after a failed step
+    SAMPLE = b"\x03"  # the grammar masks of the step launched last (the payload): sample it
 
 
 class WorkerReply(msgspec.Struct, **_STRUCT):

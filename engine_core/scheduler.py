@@ -17,8 +17,9 @@ written for the rejected ones is stale, so `num_computed_tokens` rolls back over
 next step overwrites it.
 
 Structured outputs: a request with a grammar waits (without holding up the others) until its
-matcher is built; each step carries the token bitmask of every position it samples under a
-grammar, and the tokens kept advance the matcher (structured_output.py).
+matcher is built; a step names the requests that sample under a grammar, the engine sends
+their masks (`grammar_bitmask`) once the step before is collected, and the tokens kept
+advance the matchers (structured_output.py).
 
 A step the workers fail to run must end only the request to blame (`recover_from_failed_step`):
 every running request is preempted by recompute; a request that failed alone finishes with an
@@ -69,7 +70,6 @@ class Scheduler:
         # Requests of a failed step not yet run alone: while any is left, each step runs one.
         self.suspects: set[str] = set()
         self.structured_output = structured_output
-        self.num_grammar_requests = 0  # unfinished requests with a grammar
         # Requests whose grammar failed to build: reported with the next step's outputs.
         self.grammar_failures: list[EngineCoreOutput] = []
 
@@ -78,7 +78,6 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.sampling_params.structured_outputs is not None:
             self.structured_output.add_request(request)
-            self.num_grammar_requests += 1
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -108,8 +107,6 @@ class Scheduler:
 
     def _forget(self, request: Request) -> None:
         del self.requests[request.request_id]
-        if request.grammar is not None:
-            self.num_grammar_requests -= 1
 
     # ---- the step ----
 
@@ -282,8 +279,7 @@ class Scheduler:
 
     def _advance(self, output: SchedulerOutput) -> None:
         """The tokens are as good as computed: the next step schedules from there. A request
-        that catches up (drafts included) samples this step, under its grammar's mask if it
-        has one."""
+        that catches up (drafts included) samples this step, under its grammar if it has one."""
         grammar_requests: list[Request] = []
         for request_id, num_tokens in output.num_scheduled_tokens.items():
             request = self.requests[request_id]
@@ -295,7 +291,14 @@ class Scheduler:
                     grammar_requests.append(request)
         if grammar_requests:
             output.grammar_request_ids = [r.request_id for r in grammar_requests]
-            output.grammar_bitmask = self.structured_output.bitmask(grammar_requests)
+
+    def grammar_bitmask(self, step: SchedulerOutput) -> bytes:
+        """The masks of the positions `step` samples under grammars, once every step before
+        it has been collected, so that each matcher has taken the tokens before them. A
+        request finished meanwhile gets masks allowing everything: its tokens are dropped."""
+        return self.structured_output.bitmask(
+            [(self.requests.get(request_id), step.scheduled_spec_token_ids.get(request_id, []))
+             for request_id in step.grammar_request_ids])
 
     def _reached_length(self, request: Request) -> bool:
         """Whether the tokens in flight already take the request to max_tokens or max_model_len."""

@@ -1,13 +1,13 @@
 """Structured outputs in the engine core: each request's grammar matcher, the token bitmask
 of every position a step samples, and the matcher's advance by the tokens kept.
 
-The matchers live here, beside the scheduler, as in vLLM V1: the scheduler knows which
-positions a step samples (drafts included), fills their masks with the matchers' state after
-the previous step's tokens, and ships them packed in the SchedulerOutput; the worker applies
-them to the logits on the device before sampling. A matcher advances only by tokens the
-request keeps; draft positions are masked by advancing it through the drafts and rolling it
-back. Which is why a grammar request is never scheduled with a token in flight: the engine
-collects each step before scheduling the next while one runs (engine.py).
+The matchers live here, beside the scheduler, as in vLLM V1. The scheduler names the
+requests a step samples under grammars; the worker runs the step's forward and stops at its
+logits; meanwhile the engine collects the step before (so each matcher has taken the tokens
+before this step's), fills this step's masks here and sends them, and the worker applies them
+on the device and samples (engine.py, `_sample_under_grammar`). So async scheduling stays on,
+and filling masks overlaps the forward. A matcher advances only by tokens the request keeps;
+draft positions are masked by advancing it through the drafts and rolling it back.
 """
 
 from __future__ import annotations
@@ -72,26 +72,31 @@ class StructuredOutputManager:
         error = grammar.exception()
         return None if error is None else str(error)
 
-    def bitmask(self, requests: list[Request]) -> bytes:
-        """The packed masks of the positions these requests sample this step: a row after the
-        last known token, then one after each draft (see SchedulerOutput.grammar_bitmask)."""
-        num_rows = sum(1 + len(r.spec_token_ids) for r in requests)
+    def bitmask(self, requests: list[tuple[Request | None, list[int]]]) -> bytes:
+        """The packed masks of the positions these requests sample in a step, each given with
+        the drafts scheduled for it: a row after the last known token, then one after each
+        draft; ceil(vocab / 32) int32 words a row, bit i of word w allowing token 32 w + i.
+        A request that is gone (None) gets rows allowing everything."""
+        num_rows = sum(1 + len(drafts) for _, drafts in requests)
         bitmask = np.full((num_rows, self.num_words), -1, dtype=np.int32)
         plain: list[tuple[LLMatcher, int]] = []
         row = 0
-        for request in requests:
+        for request, drafts in requests:
+            if request is None:
+                row += 1 + len(drafts)
+                continue
             matcher = self.matcher(request)
-            if not request.spec_token_ids:
+            if not drafts:
                 plain.append((matcher, row))
                 row += 1
                 continue
             # The drafts passed the matcher when proposed (trim_drafts), so each is accepted.
-            for token_id in request.spec_token_ids:
+            for token_id in drafts:
                 fill_next_token_bitmask(matcher, bitmask, row)
                 matcher.consume_token(token_id)
                 row += 1
             fill_next_token_bitmask(matcher, bitmask, row)
-            matcher.rollback(len(request.spec_token_ids))
+            matcher.rollback(len(drafts))
             row += 1
         if plain:
             fill_next_token_bitmask_par(self._executor, plain, bitmask)

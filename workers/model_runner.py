@@ -86,6 +86,17 @@ class PendingStep:
     written: bool = False  # sampled ids appended to the batch's host token ids
 
 
+@dataclass
+class _AwaitingGrammar:
+    """A step launched up to its logits, whose sampling waits for its grammar masks."""
+
+    logits: torch.Tensor
+    sampling: _LogitsRows
+    grammar_request_ids: list[str]
+    prompt_logprobs: dict[str, Logprobs]
+    propose_drafts: bool
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], block_size: int,
                  max_num_reqs: int, max_num_tokens: int, max_model_len: int, vocab_size: int,
@@ -104,6 +115,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.proposer = make_proposer(self.batch) if make_proposer is not None else None
         self.pending: deque[PendingStep] = deque()
+        self.awaiting_grammar: _AwaitingGrammar | None = None  # launched, not yet sampled
         # Pinned buffers the sampled ids come back in, used in turn: a step's buffer is reused
         # only after that step is collected (the engine keeps at most two in flight).
         self.sampled_host = [torch.empty(max_num_reqs * (1 + num_speculative_tokens), dtype=torch.long,
@@ -169,6 +181,7 @@ class ModelRunner:
             # a broken device raises here, which must take the engine down, not one request.
             torch.cuda.synchronize(self.device)
         self.pending.clear()
+        self.awaiting_grammar = None
         self.batch.clear()
         self.prev_sampled = torch.zeros(0, dtype=torch.long, device=self.device)
         self.prev_sampled_index.fill(-1)
@@ -191,7 +204,8 @@ class ModelRunner:
     def launch(self, scheduler_output: SchedulerOutput) -> None:
         """Enqueue the step's forward and sampling on the device without waiting for them;
         `collect` returns their result. Requests decoding right after a step still in flight
-        get that step's sampled token on the device, never through the host."""
+        get that step's sampled token on the device, never through the host. A step that
+        samples under grammars stops at its logits: `sample_under_grammar` finishes it."""
         self.update_states(scheduler_output)
         if scheduler_output.total_num_scheduled_tokens == 0:
             self.pending.append(PendingStep())
@@ -205,7 +219,26 @@ class ModelRunner:
             self.pending.append(PendingStep(prompt_logprobs=prompt_logprobs, propose_drafts=propose))
             return
         logits = self._compute_logits(hidden, sampling.logits_indices, scheduled.inputs.num_tokens)
-        sampled, out, greedy_draft_token_ids = self._sample(logits, sampling, scheduler_output)
+        if scheduler_output.grammar_request_ids:
+            # Their masks need the previous step's tokens, which the engine may not have yet:
+            # it fills them while this forward runs, and sends them.
+            self.awaiting_grammar = _AwaitingGrammar(logits, sampling, scheduler_output.grammar_request_ids,
+                                                     prompt_logprobs, propose)
+            return
+        self._sample_and_enqueue(logits, sampling, prompt_logprobs, propose, None)
+
+    @torch.inference_mode()
+    def sample_under_grammar(self, grammar_bitmask: bytes) -> None:
+        """Finish the launched step that waits for its grammar masks (packed as
+        `engine_core.structured_output.StructuredOutputManager.bitmask` makes them)."""
+        step, self.awaiting_grammar = self.awaiting_grammar, None
+        assert step is not None, "no launched step waits for grammar masks"
+        grammar = self._grammar_bitmask(step.grammar_request_ids, grammar_bitmask, step.sampling)
+        self._sample_and_enqueue(step.logits, step.sampling, step.prompt_logprobs, step.propose_drafts, grammar)
+
+    def _sample_and_enqueue(self, logits: torch.Tensor, sampling: _LogitsRows, prompt_logprobs: dict[str, Logprobs],
+                            propose: bool, grammar: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        sampled, out, greedy_draft_token_ids = self._sample(logits, sampling, grammar)
         sampled_host, ready = self._copy_to_host(sampled)
         self.pending.append(PendingStep(
             request_ids=sampling.request_ids, rows=sampling.rows, sampled_host=sampled_host, ready=ready,
@@ -285,14 +318,15 @@ class ModelRunner:
         # Logits stay in the model's dtype: the fused sampling kernel reads them as they are.
         return self.model.compute_logits(hidden, float32=False)
 
-    def _sample(self, logits: torch.Tensor, sampling: _LogitsRows, scheduler_output: SchedulerOutput
+    def _sample(self, logits: torch.Tensor, sampling: _LogitsRows,
+                grammar: tuple[torch.Tensor, torch.Tensor] | None
                 ) -> tuple[torch.Tensor, SamplerOutput, np.ndarray | None]:
         """The new tokens on the device, [requests, 1 + max drafts] padded with -1, and the
         sampler's output. An all-greedy step verifying drafts returns the argmax at every
         logits row instead, [N], and the drafts, which the host accepts (accept_greedy)."""
         metadata = self._sampling_metadata(sampling)
-        if scheduler_output.grammar_request_ids:
-            metadata.grammar_bitmask, metadata.grammar_rows = self._grammar_bitmask(scheduler_output, sampling)
+        if grammar is not None:
+            metadata.grammar_bitmask, metadata.grammar_rows = grammar
         out = self.sampler(logits, metadata)
         if sampling.layout is None:
             self._feed_next_step(out.sampled_token_ids, sampling.rows)
@@ -312,14 +346,13 @@ class ModelRunner:
                 self._write_back(step)
         return self.sampling_metadata.build(sampling.logits_rows, sampling.logits_seq_lens, penalized)
 
-    def _grammar_bitmask(self, scheduler_output: SchedulerOutput, sampling: _LogitsRows
+    def _grammar_bitmask(self, grammar_request_ids: list[str], grammar_bitmask: bytes, sampling: _LogitsRows
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's grammar masks on the device, and the logits row each applies to: a
         grammar request's rows are all those it samples (after its last token, then each
         draft), in the order the scheduler packed them."""
         index_of = {request_id: i for i, request_id in enumerate(sampling.request_ids)}
-        requests = np.fromiter((index_of[r] for r in scheduler_output.grammar_request_ids), np.int64,
-                               len(scheduler_output.grammar_request_ids))
+        requests = np.fromiter((index_of[r] for r in grammar_request_ids), np.int64, len(grammar_request_ids))
         layout = sampling.layout
         if layout is None:
             rows = requests
@@ -327,7 +360,7 @@ class ModelRunner:
             num_logits = layout.num_logits[requests]
             first = np.repeat(layout.cu_num_logits[requests], num_logits)
             rows = first + np.arange(num_logits.sum()) - np.repeat(np.cumsum(num_logits) - num_logits, num_logits)
-        bitmask = np.frombuffer(scheduler_output.grammar_bitmask, dtype=np.int32).reshape(len(rows), -1).copy()
+        bitmask = np.frombuffer(grammar_bitmask, dtype=np.int32).reshape(len(rows), -1).copy()
         return upload([bitmask, rows], self.device)
 
     def _feed_next_step(self, sampled: torch.Tensor, rows: np.ndarray) -> None:

@@ -187,6 +187,9 @@ class Worker:
     def launch(self, scheduler_output: SchedulerOutput) -> None:
         self.model_runner.launch(scheduler_output)
 
+    def sample_under_grammar(self, grammar_bitmask: bytes) -> None:
+        self.model_runner.sample_under_grammar(grammar_bitmask)
+
     def collect(self) -> ModelRunnerOutput:
         return self.model_runner.collect()
 

@@ -7,6 +7,7 @@ even from inside a collective that will never complete, so no rank outlives its 
 
 The executor sends every rank the same commands, each a type frame and a payload:
 - LAUNCH + SchedulerOutput: enqueue the step on this rank's shards of the model.
+- SAMPLE + grammar masks: finish sampling the step just launched (structured outputs).
 - COLLECT: finish the oldest step and reply. Every rank samples the same tokens (the logits
   are gathered whole on every rank, and seeds are the same), so each rank's batch stays in
   step with no broadcast of the tokens; rank 0's reply carries the ModelRunnerOutput.
@@ -49,10 +50,12 @@ def serve(worker: Worker, rank: int, commands: zmq.Socket, replies: zmq.Socket) 
         if command is WorkerCommand.RESET:
             failed_launch = None
             worker.reset()  # raising here means a broken device: the process ends
-        elif command is WorkerCommand.LAUNCH:
+        elif command in (WorkerCommand.LAUNCH, WorkerCommand.SAMPLE):
             try:
-                if failed_launch is None:
+                if failed_launch is None and command is WorkerCommand.LAUNCH:
                     worker.launch(decoder.decode(payload.buffer))
+                elif failed_launch is None:
+                    worker.sample_under_grammar(payload.bytes)
             except Exception as e:
                 logger.exception("rank %d failed to launch a step", rank)
                 failed_launch = f"{type(e).__name__}: {e}"
