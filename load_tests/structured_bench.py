@@ -5,12 +5,11 @@ and without, on the offline engine, and the grammar compile time and cache hits.
     python -m load_tests.structured_bench --batch 4 --output-len 16   # a quick run on a CPU
     python -m load_tests.structured_bench --json-schema FILE     # your schema instead
 
-Each request decodes exactly --output-len tokens (ignore_eos; the default schema, an array of at
-least 200 records, does not end sooner, so every step masks every row), temperature 0.6, prompts of --prompt-len
-random token ids. The step time is the median over the steps in which the whole batch decodes.
-The engine collects each step before scheduling the next while grammar requests run (see
-engine_core/structured_output.py); so `--async-scheduling off` on the plain run separates
-that cost from the masks' own.
+Each request decodes exactly --output-len tokens (ignore_eos; the default schema, an array of
+at least 200 records, does not end sooner, so every step masks every row), temperature 0.6,
+prompts of --prompt-len random token ids. The step time is the median over the steps in which
+the whole batch decodes. `--async-scheduling off` runs both in COLLECT_FIRST mode (the one
+speculative decoding uses), to compare the overlap of mask filling with the forward there.
 """
 
 from __future__ import annotations
