@@ -91,6 +91,10 @@ class PrometheusStatLogger:
                                                          "Generated tokens per completed request.", token_buckets)
         self.iteration_tokens = self._histogram("iteration_tokens", "Tokens the engine ran per step.",
                                                 ITERATION_TOKENS_BUCKETS)
+        self.grammar_compile_seconds = self._counter(
+            "structured_output_compile_seconds", "Seconds spent building grammars (structured outputs).")
+        self.grammar_cache_hits = self._counter("structured_output_cache_hits", "Grammars taken from the cache.")
+        self.grammar_cache_misses = self._counter("structured_output_cache_misses", "Grammars built anew.")
         self.spec_drafts = self._counter("spec_decode_num_drafts", "Speculative decoding drafts proposed.")
         self.spec_draft_tokens = self._counter("spec_decode_num_draft_tokens", "Draft tokens proposed.")
         self.spec_accepted_tokens = self._counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
@@ -158,7 +162,10 @@ class PrometheusStatLogger:
                                (self.preemptions, stats.num_preemptions),
                                (self.spec_drafts, stats.spec_num_drafts),
                                (self.spec_draft_tokens, stats.spec_num_draft_tokens),
-                               (self.spec_accepted_tokens, stats.spec_num_accepted_tokens)):
+                               (self.spec_accepted_tokens, stats.spec_num_accepted_tokens),
+                               (self.grammar_compile_seconds, stats.grammar_compile_seconds),
+                               (self.grammar_cache_hits, stats.grammar_cache_hits),
+                               (self.grammar_cache_misses, stats.grammar_cache_misses)):
             if value:
                 counter.inc(value)
         for counter, value in zip(self.spec_accepted_per_pos, stats.spec_num_accepted_tokens_per_pos):

@@ -8,6 +8,7 @@ import asyncio
 import enum
 import json
 import re
+import urllib.request
 from collections.abc import Iterator
 from typing import Annotated, Literal
 
@@ -214,3 +215,27 @@ def test_a_constraint_the_engine_cannot_enforce_is_a_400_naming_it(server, body,
     # The server still serves.
     status, _ = request(server, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
     assert status == 200
+
+
+def test_n_choices_each_follow_the_schema_and_metrics_count_the_grammars(server):
+    """n > 1: the frontend fans out child requests, each sampling under its own matcher of one
+    grammar; /metrics counts the grammars built and those taken from the cache."""
+    def counter(text: str, name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(f"octavo:{name}_total{{"))
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:
+            return response.read().decode()
+
+    before = scrape()
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=600)
+    completion = client.chat.completions.parse(model="default", messages=MESSAGES, response_format=Rating, n=3,
+                                               temperature=1.0, seed=11, max_tokens=120)
+    assert len(completion.choices) == 3
+    for choice in completion.choices:
+        assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Rating), choice.message.content
+    after = scrape()
+    lookups = sum(counter(after, f"structured_output_cache_{kind}") - counter(before, f"structured_output_cache_{kind}")
+                  for kind in ("hits", "misses"))
+    assert lookups == 3  # one per child request
