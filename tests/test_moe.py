@@ -2,7 +2,8 @@
 written by transformers' `save_pretrained` (one tensor per expert, as on the hub), served by
 the offline engine. Greedy tokens must be transformers' and logprobs within 1e-4, whole, in
 small chunks and over a cached shared prefix; at tensor parallel size 2 (gloo, two processes)
-every rank's logits must be transformers'. The Triton kernel is tested in test_moe_kernel.py.
+every rank's logits must be transformers'; n-gram speculation keeps the greedy tokens. The
+Triton kernel is tested in test_moe_kernel.py.
 """
 
 from __future__ import annotations
@@ -86,6 +87,29 @@ def test_greedy_matches_transformers(tiny, engine_args):
         ours = [next(iter(d.values())) for d in out.logprobs]
         assert ours == pytest.approx(ref_logprobs, abs=1e-4)
     assert outputs[-1].num_cached_tokens == 16
+
+
+def test_ngram_speculation_keeps_transformers_greedy_tokens(tiny):
+    """Verification steps run several tokens of a request through the experts at once: the
+    greedy tokens stay transformers', and drafts were verified."""
+    path, hf_model = tiny
+    llm = LLM(path, kv_cache_memory=1 << 24, block_size=8, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3})
+    prompts = [list(range(30, 45)) * 2, random_prompts(1, seed=5, max_len=20)[0] * 2]
+    num_draft_tokens = 0
+    engine_step = llm.engine.step
+
+    def step():
+        nonlocal num_draft_tokens
+        outputs = engine_step()
+        num_draft_tokens += outputs.scheduler_stats.spec_num_draft_tokens
+        return outputs
+
+    llm.engine.step = step
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for prompt, out in zip(prompts, llm.generate(prompts, params)):
+        assert out.token_ids == hf_greedy(hf_model, prompt, params.max_tokens)[0]
+    assert num_draft_tokens > 0
 
 
 def test_a_rank_holds_its_expert_shards(tiny):
