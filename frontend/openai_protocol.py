@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from engine_core.protocol import (
+    Choices,
     LogitBiasValue,
     MaxTokens,
     MinP,
@@ -95,7 +96,7 @@ class StructuredOutputsRequest(msgspec.Struct, forbid_unknown_fields=True):
     json: str | dict[str, Any] | None = None
     json_object: bool = False
     regex: str | None = None
-    choice: list[str] | None = None
+    choice: Choices | None = None
     grammar: str | None = None
 
 
@@ -154,7 +155,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     structured_outputs: StructuredOutputsRequest | None = None
     guided_json: str | dict[str, Any] | None = None
     guided_regex: str | None = None
-    guided_choice: list[str] | None = None
+    guided_choice: Choices | None = None
     guided_grammar: str | None = None
     # Octavo's: seconds this request may run (overrides --request-timeout); past it, a 408.
     request_timeout: Annotated[float, msgspec.Meta(gt=0.0, le=MAX_REQUEST_TIMEOUT_S)] | None = None
@@ -248,7 +249,8 @@ class ChatCompletionRequest(GenerationRequest, kw_only=True):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[ChatTool] | None = None
+    # OpenAI's limit: a forced choice builds a grammar over every tool's schema.
+    tools: Annotated[list[ChatTool], msgspec.Meta(max_length=128)] | None = None
     tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
     parallel_tool_calls: bool = True
 

@@ -131,6 +131,11 @@ MODELS = [Person, Point, Paint, Tagged, Address, Employee, Flag, MaybeNote, Stat
 assert len(set(MODELS)) == 20
 
 
+DEEP_SCHEMA: dict = {"type": "integer"}
+for _ in range(500):
+    DEEP_SCHEMA = {"type": "array", "items": DEEP_SCHEMA}
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
     proc = ServerProcess("--max-model-len", "1024", "--max-num-seqs", "48", "--served-model-name", "default")
@@ -205,6 +210,12 @@ def test_json_object_choice_and_regex_outputs_always_conform(server):
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
     ({"guided_json": "{not json"}, "guided_json", "guided_json"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex", "only one"),
+    # Hostile sizes and types: each a 400, never a grammar that takes seconds to build.
+    ({"structured_outputs": {"choice": ["x"] * 1025}}, "structured_outputs.choice", "<= 1024"),
+    ({"guided_choice": [str(i) for i in range(100_000)]}, "guided_choice", "<= 1024"),
+    ({"structured_outputs": {"choice": 7}}, "structured_outputs.choice", "array"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": DEEP_SCHEMA}}},
+     "response_format", "recursion limit"),
 ])
 def test_a_constraint_the_engine_cannot_enforce_is_a_400_naming_it(server, body, param, problem):
     for path, prompt in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "Hi"})):

@@ -190,6 +190,10 @@ def test_tool_messages_go_back_into_the_template(server, client):
     ({"messages": [*ASK, {"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris}"}}]}]},
      "messages[1].tool_calls[0].function.arguments", "JSON"),
+    # Hostile sizes and types.
+    ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools", "<= 128"),
+    ({"tools": "get_weather"}, "tools", "array"),
+    ({"tool_choice": "sometimes"}, "tool_choice", "sometimes"),
 ])
 def test_bad_tools_get_400_naming_the_problem(server, fields, param, says):
     body = {"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 5, **fields}
