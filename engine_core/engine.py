@@ -169,9 +169,8 @@ class EngineCore:
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=stats, timestamp=now())
 
     # Each step function adds the outputs it collects to `outputs` and returns the number of
-    # tokens of the step collected (0: none).
-
-    # A step launched is finished by `_sample_under_grammar` once no older step is in flight.
+    # tokens of the step collected (0: none). A launched step that samples under grammars is
+    # finished by `_sample_under_grammar` as soon as no older step is in flight.
 
     def _step_sync(self, outputs: list[EngineCoreOutput]) -> int:
         if self._launch(outputs):
