@@ -103,9 +103,6 @@ class Scheduler:
     def _free(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
         self.finished_request_ids.append(request.request_id)
-        self._forget(request)
-
-    def _forget(self, request: Request) -> None:
         del self.requests[request.request_id]
 
     # ---- the step ----
@@ -259,7 +256,7 @@ class Scheduler:
     def _fail_grammar(self, request: Request) -> None:
         """Finish a waiting request whose grammar failed to build with that error."""
         request.finish(FinishReason.ERROR)
-        self._forget(request)  # it holds no KV blocks, and the workers never saw it
+        del self.requests[request.request_id]  # it holds no KV blocks, and the workers never saw it
         self.grammar_failures.append(EngineCoreOutput(
             request_id=request.request_id, new_token_ids=[], finish_reason=FinishReason.ERROR,
             error=f"the request's grammar cannot be built: {request.grammar.exception()}"))
