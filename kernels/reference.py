@@ -263,11 +263,20 @@ def quantize_fp8_per_token(x: torch.Tensor, input_scale: torch.Tensor | None = N
     return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE), scale
 
 
+# At most this many rows (a decode batch), FP8 linear layers keep the activations unquantized
+# and widen the weight instead: the step is bound by reading weights, so quantizing activations
+# would cost a launch per layer and accuracy for nothing (kernels/triton_fp8.py).
+WEIGHT_ONLY_MAX_ROWS = 16
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ W^T for W = weight [N, K] float8 e4m3 times weight_scale [N] (per output
-    channel): x is quantized to e4m3 per token (or with the static input_scale), the product
-    accumulates in float32 and is scaled per row and column, in x's dtype."""
+    channel), accumulated in float32, in x's dtype. Over WEIGHT_ONLY_MAX_ROWS rows x is
+    quantized to e4m3 per token (or with the static input_scale) and the product scaled per
+    row and column; up to it x is used as it is."""
+    if x.numel() <= WEIGHT_ONLY_MAX_ROWS * x.shape[-1]:
+        return (x.float() @ (weight.float() * weight_scale.float()[:, None]).T).to(x.dtype)
     xq, x_scale = quantize_fp8_per_token(x, input_scale)
     y = (xq.float() @ weight.float().T) * x_scale * weight_scale.float()[None, :]
     return y.to(x.dtype)

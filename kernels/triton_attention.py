@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_e4m3 import E4M3_AS_FP16_SCALE, e4m3_as_fp16
+
 # exp2 is cheaper than exp on the GPU; folding log2(e) into the softmax scale makes them equal.
 _LOG2E = 1.4426950408889634
 # The running max starts from a finite floor rather than -inf: a query row that sees no key in
@@ -62,7 +64,7 @@ def _attend_kv_tiles(acc, row_sum, row_max, q, k_ptr, v_ptr, block_table_ptr, q_
                      tile_lo, tile_hi, qk_scale, stride_cache_block, stride_cache_slot, dims,
                      dim_mask,
                      CAUSAL_MASK: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, FP8_AS_FP16: tl.constexpr, USE_ASM: tl.constexpr):
     """Online softmax of the query tile over KV tiles [tile_lo, tile_hi) of BLOCK_N keys.
 
     Without CAUSAL_MASK every key of those tiles is visible to every query row: the caller puts
@@ -81,9 +83,12 @@ def _attend_kv_tiles(acc, row_sum, row_max, q, k_ptr, v_ptr, block_table_ptr, q_
         offsets = (pages.to(tl.int64)[:, None] * stride_cache_block
                    + (kv_pos % PAGE_SIZE)[:, None] * stride_cache_slot + dims[None, :])
         # Masked-off slots load as 0: stale cache memory may hold NaN, and 0 * NaN poisons.
-        # An FP8 cache is widened to the query's dtype (its scales are applied outside the loop).
-        k = tl.load(k_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)
-        v = tl.load(v_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)
+        k = tl.load(k_ptr + offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + offsets, mask=kv_mask, other=0.0)
+        if FP8_AS_FP16:  # q is float16 too; the scales (applied outside the loop) carry the 2^8
+            k, v = e4m3_as_fp16(k, USE_ASM), e4m3_as_fp16(v, USE_ASM)
+        else:  # the model's dtype, or an FP8 cache under a float32 query
+            k, v = k.to(q.dtype), v.to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if CAUSAL_MASK:
             scores = tl.where(kv_pos[None, :] <= q_pos[:, None], scores, float("-inf"))
@@ -107,6 +112,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DECODE_ORDER: tl.constexpr,
+    FP8_AS_FP16: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     """One program: a tile of BLOCK_Q query tokens x the GROUP query heads of one KV head (so
     the group's heads share every K/V load), over the KV range of one split.
@@ -146,6 +152,9 @@ def _paged_attention_kernel(
     tokens = (q_begin + q_idx).to(tl.int64)
     q = tl.load(query_ptr + tokens[:, None] * stride_q_t + heads[:, None] * stride_q_h + dims[None, :],
                 mask=row_valid[:, None] & dim_mask[None, :], other=0.0)
+    if FP8_AS_FP16:
+        # Scaled by 2^-8 (qk_scale holds the 2^8) so that no bf16 query overflows float16.
+        q = (q.to(tl.float32) * (1.0 / 256.0)).to(tl.float16)
 
     # Keys [0, kv_end) are visible to some row of the tile; keys below the first row's position
     # (+1) to all rows, so the tiles entirely below it need no causal mask.
@@ -168,12 +177,14 @@ def _paged_attention_kernel(
         acc, row_sum, row_max, q, k_ptr, v_ptr, block_table_ptr, q_pos, kv_end,
         tile_lo, tl.minimum(tile_hi, num_unmasked_tiles), qk_scale,
         stride_cache_block, stride_cache_slot, dims, dim_mask,
-        CAUSAL_MASK=False, BLOCK_N=BLOCK_N, PAGE_SIZE=PAGE_SIZE, DOT_PRECISION=DOT_PRECISION)
+        CAUSAL_MASK=False, BLOCK_N=BLOCK_N, PAGE_SIZE=PAGE_SIZE, DOT_PRECISION=DOT_PRECISION,
+        FP8_AS_FP16=FP8_AS_FP16, USE_ASM=USE_ASM)
     acc, row_sum, row_max = _attend_kv_tiles(
         acc, row_sum, row_max, q, k_ptr, v_ptr, block_table_ptr, q_pos, kv_end,
         tl.maximum(tile_lo, num_unmasked_tiles), tile_hi, qk_scale,
         stride_cache_block, stride_cache_slot, dims, dim_mask,
-        CAUSAL_MASK=True, BLOCK_N=BLOCK_N, PAGE_SIZE=PAGE_SIZE, DOT_PRECISION=DOT_PRECISION)
+        CAUSAL_MASK=True, BLOCK_N=BLOCK_N, PAGE_SIZE=PAGE_SIZE, DOT_PRECISION=DOT_PRECISION,
+        FP8_AS_FP16=FP8_AS_FP16, USE_ASM=USE_ASM)
 
     acc = acc * v_scale  # an FP8 cache's values are value / v_scale; 1.0 otherwise
     out_mask = row_valid[:, None] & dim_mask[None, :]
@@ -239,14 +250,16 @@ def _num_sms(device: torch.device) -> int:
 
 
 def select_config(num_tokens: int, num_reqs: int, group: int, max_kv_len: int,
-                  num_kv_heads: int, device: torch.device) -> AttentionConfig:
+                  num_kv_heads: int, device: torch.device, fp8_cache: bool = False) -> AttentionConfig:
     """Pick the launch configuration from shapes alone (see the module docstring)."""
     min_block_m = triton.next_power_of_2(group)  # every tile holds at least one whole group
     if num_tokens > _DECODE_QUERIES_PER_REQ * num_reqs:
         # One warpgroup on 64 rows: 128 rows per program spill registers at head_dim 128.
         return AttentionConfig(block_m=max(64, min_block_m), block_n=64, num_splits=1,
                                num_warps=4, num_stages=3)
-    block_n = 64
+    # An FP8 tile of 128 keys is as many bytes as a 16-bit one of 64: 8% faster at B=256
+    # (H200, Llama-3.1-8B heads, 1,024-token contexts).
+    block_n = 128 if fp8_cache else 64
     max_programs = _DECODE_PROGRAMS_PER_SM * _num_sms(device)
     max_splits = min(_MAX_SPLITS, max(1, triton.cdiv(max_kv_len, block_n * _MIN_TILES_PER_SPLIT)))
     num_splits = 1
@@ -267,7 +280,8 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
     num_tokens, num_heads, _ = query.shape
     num_reqs, num_kv_heads = seq_lens.shape[0], kv_cache.shape[3]
     config = select_config(num_tokens, num_reqs, num_heads // num_kv_heads,
-                           block_tables.shape[1] * kv_cache.shape[2], num_kv_heads, query.device)
+                           block_tables.shape[1] * kv_cache.shape[2], num_kv_heads, query.device,
+                           fp8_cache=kv_cache.dtype == torch.float8_e4m3fn)
     return paged_attention_with_config(query, kv_cache, query_start_loc, seq_lens, block_tables,
                                        scale, config, decode_order, k_scale, v_scale)
 
@@ -296,6 +310,10 @@ def paged_attention_with_config(query: torch.Tensor, kv_cache: torch.Tensor,
         split_stats = torch.empty(2 * num_split_rows, dtype=torch.float32, device=query.device)
     else:  # unused by the kernel; any tensor fills the argument
         split_acc = split_stats = out
+    # An FP8 cache under a 16-bit query: float16 dot operands (e4m3_as_fp16), scaled back here.
+    fp8_as_fp16 = kv_cache.dtype == torch.float8_e4m3fn and query.dtype != torch.float32
+    if fp8_as_fp16:
+        k_scale, v_scale = k_scale * E4M3_AS_FP16_SCALE ** 2, v_scale * E4M3_AS_FP16_SCALE
     if decode_order is not None:
         assert num_tokens == num_reqs, "decode_order is for one query per request"
         grid = (num_kv_heads, num_reqs, num_splits)
@@ -316,6 +334,7 @@ def paged_attention_with_config(query: torch.Tensor, kv_cache: torch.Tensor,
         NUM_SPLITS=num_splits, HAS_DECODE_ORDER=decode_order is not None,
         # fp32 models get exact fp32 products, not TF32's 10-bit mantissas; others are unaffected.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        FP8_AS_FP16=fp8_as_fp16, USE_ASM=query.is_cuda,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:

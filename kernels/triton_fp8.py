@@ -1,16 +1,25 @@
-"""FP8 (e4m3) linear layers on the GPU: a Triton kernel quantizes the activations per token,
-`torch._scaled_mm` multiplies on the FP8 tensor cores with row-wise scales (one per token, one
-per output channel) and writes the model's dtype. Semantics: `kernels.reference.fp8_linear`.
+"""FP8 (e4m3) linear layers on the GPU. Semantics: `kernels.reference.fp8_linear`.
 
-cuBLAS's FP8 GEMM rather than a Triton one: at decode shapes both are bound by reading the
-weights, and at prefill shapes cuBLAS is the faster (load_tests/quant_bench.py measures both
-paths against bf16)."""
+- More than WEIGHT_ONLY_MAX_ROWS rows: a Triton kernel quantizes the activations per token,
+  `torch._scaled_mm` multiplies on the FP8 tensor cores with row-wise scales (one per token,
+  one per output channel) and writes the model's dtype. cuBLAS's FP8 GEMM is the faster there.
+- Up to WEIGHT_ONLY_MAX_ROWS rows (decode): the step only reads weights, and cuBLAS's FP8
+  tiles (128 rows of M) plus a quantization launch per layer made FP8 slower than bf16 at
+  batch 1 (docs/benchmarks.md). A Triton kernel reads the FP8 weight tile by tile, widens it
+  in registers and multiplies the unquantized activations: half bf16's bytes, one launch.
+"""
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.reference import WEIGHT_ONLY_MAX_ROWS
+from kernels.triton_e4m3 import e4m3_as_fp16
 
 _FP8_MAX = tl.constexpr(448.0)  # a constexpr: the only kind of global a kernel may read
 
@@ -46,9 +55,85 @@ def quantize_fp8_per_token(x: torch.Tensor, input_scale: torch.Tensor | None = N
     return out, scale
 
 
+@triton.jit
+def _fp8_weight_only_kernel(a_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_am, stride_wn,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            FP16_DOT: tl.constexpr, USE_ASM: tl.constexpr):
+    """Program n: out[:, n * BLOCK_N, +BLOCK_N) = a @ (w * scale)^T over all of K, for the
+    M <= BLOCK_M rows of a. w [N, K] is read along K, its contiguous dimension.
+
+    FP16_DOT (16-bit activations): float16 operands, w by e4m3_as_fp16 and a scaled by 2^-8 so
+    that no bf16 activation overflows float16; `scale` carries both 2^8. Otherwise (float32)
+    w is widened to float32 and the product is exact."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    a_rows = a_ptr + offs_m[:, None] * stride_am
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a = tl.load(a_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if FP16_DOT:
+            a16 = (a.to(tl.float32) * (1.0 / 256.0)).to(tl.float16)
+            acc += tl.dot(a16, tl.trans(e4m3_as_fp16(w, USE_ASM)))
+        else:
+            acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision="ieee")
+    scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+    if FP16_DOT:
+        scale = scale * (256.0 * 256.0)  # a's 2^-8 and E4M3_AS_FP16_SCALE
+    out = acc * scale[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the Triton interpreter on the CPU
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def select_weight_only_config(n: int, k: int, device: torch.device) -> WeightOnlyConfig:
+    """From shapes alone (no host sync, CUDA-graph safe). No split of K, which would cost a
+    reduction launch per layer. H200, M = 1 and 16 over the Qwen3-0.6B and Llama-3.1-8B
+    layers: 64 columns a program are fastest once that still gives most multiprocessors a
+    program (N >= 6144), else 32; 512-wide K tiles (docs/benchmarks.md, "Quantization")."""
+    block_n = 64 if triton.cdiv(n, 64) >= 0.7 * _num_sms(device) else 32
+    return WeightOnlyConfig(block_n, min(512, triton.next_power_of_2(k)), num_warps=4, num_stages=3)
+
+
+def fp8_weight_only_linear(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                           config: WeightOnlyConfig | None = None) -> torch.Tensor:
+    """x2 [M <= WEIGHT_ONLY_MAX_ROWS, K] @ (weight [N, K] e4m3 * weight_scale [N])^T."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    assert m <= WEIGHT_ONLY_MAX_ROWS and x2.stride(-1) == 1 and weight.is_contiguous()
+    config = config or select_weight_only_config(n, k, x2.device)
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m:
+        _fp8_weight_only_kernel[(triton.cdiv(n, config.block_n),)](
+            x2, weight, weight_scale, out, m, n, k, x2.stride(0), weight.stride(0),
+            BLOCK_M=WEIGHT_ONLY_MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            FP16_DOT=x2.dtype != torch.float32, USE_ASM=x2.is_cuda, num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None = None) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] <= WEIGHT_ONLY_MAX_ROWS:
+        return fp8_weight_only_linear(x2, weight, weight_scale).view(*x.shape[:-1], weight.shape[0])
     xq, x_scale = quantize_fp8_per_token(x2, input_scale)
     # weight [N, K] row-major is the column-major [K, N] operand cuBLAS wants.
     y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),

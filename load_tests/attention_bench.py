@@ -29,16 +29,16 @@ def _seconds(fn) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e-3
 
 
-def bench() -> list[str]:
+def bench(heads: tuple[int, int, int], kv_dtype: torch.dtype) -> list[str]:
     """Prints each row as it is measured; returns the table."""
     from kernels.triton_attention import AttentionConfig, paged_attention_with_config, select_config
 
     torch.manual_seed(0)
-    num_heads, num_kv_heads, head_dim = QWEN3_HEADS
+    num_heads, num_kv_heads, head_dim = heads
     bandwidth, matmul_flops = measure_device()
     torch.cuda.empty_cache()
     rows = [f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s (read + write), "
-            f"bf16 matmul {matmul_flops / 1e12:.0f} TFLOP/s"]
+            f"bf16 matmul {matmul_flops / 1e12:.0f} TFLOP/s; heads {heads}, KV cache {kv_dtype}"]
     print(rows[0], flush=True)
 
     def report(name: str, seconds: float, nbytes: float = 0.0, flops: float = 0.0) -> None:
@@ -59,7 +59,9 @@ def bench() -> list[str]:
     # (name, context lengths, configurations to compare with the automatic one)
     decode_cases = [
         ("decode B=256 ctx=1024", [1023] * 256,
-         [AttentionConfig(16, 64, 1, 4, 3), AttentionConfig(16, 128, 1, 4, 2)]),
+         [AttentionConfig(16, 64, 1, 4, 3), AttentionConfig(16, 128, 1, 4, 2),
+          AttentionConfig(16, 128, 1, 4, 3), AttentionConfig(16, 64, 1, 4, 4), AttentionConfig(16, 128, 1, 8, 3),
+          AttentionConfig(16, 256, 1, 8, 2)]),
         ("decode B=256 ctx~U[100,2048]", [random.Random(0).randint(99, 2047) for _ in range(256)], []),
         ("decode B=64 ctx=1024", [1023] * 64, []),
         ("decode B=32 ctx=1024", [1023] * 32, [AttentionConfig(16, 64, s, 4, 2) for s in (1, 2, 4)]),
@@ -67,11 +69,13 @@ def bench() -> list[str]:
         ("decode B=4 ctx=4096", [4095] * 4, []),
     ]
     for name, context_lens, configs in decode_cases:
-        batch = make_attention_batch([1] * len(context_lens), context_lens, *QWEN3_HEADS, 16,
+        batch = make_attention_batch([1] * len(context_lens), context_lens, *heads, 16,
                                      torch.bfloat16, poison=False)
+        batch.kv_cache = batch.kv_cache.to(kv_dtype)
         nbytes = kv_bytes(batch)
         auto = select_config(len(context_lens), len(context_lens), num_heads // num_kv_heads,
-                             batch.block_tables.shape[1] * 16, num_kv_heads, batch.query.device)
+                             batch.block_tables.shape[1] * 16, num_kv_heads, batch.query.device,
+                             fp8_cache=kv_dtype == torch.float8_e4m3fn)
         order = torch.argsort(batch.seq_lens, descending=True)  # as the CUDA graphs start them
         for config in (auto, *configs):
             seconds = _seconds(lambda: paged_attention_with_config(*batch.args(), 0.088, config, order))
@@ -87,7 +91,8 @@ def bench() -> list[str]:
         ("prefill 4x512 chunk over 2048 cached", [512] * 4, [2048] * 4, []),
     ]
     for name, query_lens, context_lens, configs in prefill_cases:
-        batch = make_attention_batch(query_lens, context_lens, *QWEN3_HEADS, 16, torch.bfloat16, poison=False)
+        batch = make_attention_batch(query_lens, context_lens, *heads, 16, torch.bfloat16, poison=False)
+        batch.kv_cache = batch.kv_cache.to(kv_dtype)
         flops = 4 * head_dim * num_heads * sum(q * (c + (q + 1) / 2) for q, c in zip(query_lens, context_lens))
         auto = select_config(sum(query_lens), len(query_lens), num_heads // num_kv_heads,
                              batch.block_tables.shape[1] * 16, num_kv_heads, batch.query.device)
@@ -109,10 +114,14 @@ def bench() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", help="also write the table to this file")
+    parser.add_argument("--heads", type=int, nargs=3, default=QWEN3_HEADS, metavar=("Q", "KV", "DIM"),
+                        help="query heads, KV heads, head dim (default: Qwen3-0.6B's; Llama-3.1-8B: 32 8 128)")
+    parser.add_argument("--kv-cache-dtype", choices=["bfloat16", "fp8"], default="bfloat16")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("attention_bench needs a CUDA GPU")
-    table = "\n".join(bench())
+    kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
+    table = "\n".join(bench(tuple(args.heads), kv_dtype))
     print("\n" + table)
     if args.output:
         with open(args.output, "w") as f:

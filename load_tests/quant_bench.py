@@ -69,7 +69,8 @@ def run_variant(config, variant: str, args) -> dict:
               **engine_args)
     row = {"kv_tokens": llm.engine.ready.kv_capacity_tokens}
     for batch in args.batch_sizes:
-        row[batch], _ = octavo_step_seconds(llm, batch, args.context_len, args.num_steps, budget)
+        row[batch], _ = octavo_step_seconds(llm, batch, args.context_len, args.num_steps, budget,
+                                            args.profile)
     if args.workload:
         prompts, output_lens = reference_workload(args.workload)
         params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in output_lens]
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--workload", type=int, default=256, metavar="NUM_SEQS",
                         help="sequences of the reference workload, on the first shape only (0: skip)")
     parser.add_argument("--gemm", action="store_true", help="also time the bare GEMMs of each shape")
+    parser.add_argument("--profile", action="store_true", help="print each decode step's kernels")
     parser.add_argument("--tiny", action="store_true", help="a tiny shape on the CPU, to check the script")
     args = parser.parse_args()
     if args.tiny:

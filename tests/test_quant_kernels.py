@@ -4,7 +4,8 @@ subprocess, as in tests/test_kernels.py).
 
 - FP8 KV cache: the cache write quantizes (x / scale, saturated, round to nearest even) and
   paged attention reads float8 e4m3 back times the per-tensor scales.
-- FP8 linear: per-token activation quantization (the GEMM itself is cuBLAS's, tests/gpu).
+- FP8 linear: per-token activation quantization (the GEMM itself is cuBLAS's, tests/gpu), and
+  the weight-only kernel of decode batches.
 - W4A16: the GEMM dequantizing packed int4 tiles in registers, every configuration path.
 """
 
@@ -95,6 +96,11 @@ def _case_attention_fp8_cache() -> None:
                                                             k_scale, v_scale)
         for name, out in outs.items():
             torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+        # A 16-bit query takes the float16 path (the cache widened by e4m3_as_fp16, scales x 2^8).
+        query16 = batch.query.nan_to_num(0.0).half()
+        expected16 = reference.paged_attention(query16.float(), clean8, *rest, 0.125, None, k_scale, v_scale)
+        out16 = triton_ops.paged_attention(query16, cache8, *rest, 0.125, None, k_scale, v_scale)
+        torch.testing.assert_close(out16.float(), expected16, atol=2e-3, rtol=2e-3)
 
 
 def _case_norm_rope_write_kv_fp8_cache() -> None:
@@ -119,7 +125,7 @@ def _case_norm_rope_write_kv_fp8_cache() -> None:
 
 
 def test_reference_fp8_linear_is_the_scaled_fp8_product() -> None:
-    x, w = torch.randn(5, 64), torch.randn(32, 64)
+    x, w = torch.randn(reference.WEIGHT_ONLY_MAX_ROWS + 1, 64), torch.randn(32, 64)
     w_scale = w.abs().amax(1) / 448
     wq = (w / w_scale[:, None]).to(FP8)
     x_scale = x.abs().amax(1, keepdim=True) / 448
@@ -128,6 +134,18 @@ def test_reference_fp8_linear_is_the_scaled_fp8_product() -> None:
     assert (reference.fp8_linear(x, wq, w_scale) - x @ w.T).abs().max() < 0.1 * (x @ w.T).abs().max()
     static = reference.fp8_linear(x, wq, w_scale, torch.tensor([0.01]))
     torch.testing.assert_close(static, ((x / 0.01).clamp(-448, 448).to(FP8).float() @ wq.float().T) * 0.01 * w_scale)
+
+
+def test_reference_fp8_linear_keeps_a_decode_batch_unquantized() -> None:
+    x, w = torch.randn(reference.WEIGHT_ONLY_MAX_ROWS, 64), torch.randn(32, 64)
+    w_scale = w.abs().amax(1) / 448
+    wq = (w / w_scale[:, None]).to(FP8)
+    expected = x @ (wq.float() * w_scale[:, None]).T
+    torch.testing.assert_close(reference.fp8_linear(x, wq, w_scale), expected)
+    torch.testing.assert_close(reference.fp8_linear(x, wq, w_scale, torch.tensor([0.01])), expected)
+    # One row more and the activations are quantized too: the two differ.
+    x_more = torch.cat([x, x[:1]])
+    assert not torch.allclose(reference.fp8_linear(x_more, wq, w_scale)[:-1], expected, atol=1e-4)
 
 
 def test_reference_w4a16_linear_dequantizes_groups() -> None:
@@ -177,7 +195,23 @@ def _case_quantize_fp8_per_token() -> None:
         assert_fp8_equal_but_interpreter_carry(out, expected)
 
 
+def _case_fp8_weight_only_linear() -> None:
+    from kernels.triton_fp8 import WeightOnlyConfig, fp8_weight_only_linear
+
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+        for m, n, k in ((1, 96, 256), (5, 72, 200), (16, 40, 64)):  # ragged N and K tiles too
+            w = torch.randn(n, k)
+            scale = w.abs().amax(1) / 448
+            wq = (w / scale[:, None]).to(FP8)
+            x = torch.randn(m, k).to(dtype)
+            expected = reference.fp8_linear(x, wq, scale)
+            for config in (None, WeightOnlyConfig(16, 64, 4, 2), WeightOnlyConfig(32, 128, 4, 3)):
+                out = fp8_weight_only_linear(x, wq, scale, config)
+                torch.testing.assert_close(out, expected, atol=tol, rtol=tol, msg=lambda msg: f"{config}: {msg}")
+
+
 INTERPRETER_CASES: dict[str, Callable[[], None]] = {
+    "fp8_weight_only_linear": _case_fp8_weight_only_linear,
     "attention_fp8_cache": _case_attention_fp8_cache,
     "norm_rope_write_kv_fp8_cache": _case_norm_rope_write_kv_fp8_cache,
     "w4a16_linear": _case_w4a16_linear,
