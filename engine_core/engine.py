@@ -169,37 +169,44 @@ class EngineCore:
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=stats, timestamp=now())
 
     # Each step function adds the outputs it collects to `outputs` and returns the number of
-    # tokens of the step collected (0: none). A launched step that samples under grammars is
-    # finished by `_sample_under_grammar` as soon as no older step is in flight.
+    # tokens of the step collected (0: none). A step that samples under grammars is launched
+    # only once no older step is in flight: its masks need their tokens.
 
     def _step_sync(self, outputs: list[EngineCoreOutput]) -> int:
-        if self._launch(outputs):
-            self._sample_under_grammar(outputs)
+        self._launch_next(outputs)
         return self._collect(outputs) if self.in_flight else 0
 
     def _step_async(self, outputs: list[EngineCoreOutput]) -> int:
-        launched = self._launch(outputs)
+        step = self._schedule()
+        if step is not None and step.grammar_request_ids:
+            return self._step_async_under_grammar(step, outputs)
+        launched = step is not None and self._launch(step, outputs)
         if not self.in_flight:
             return 0
         if launched and len(self.in_flight) == 1:
-            self._sample_under_grammar(outputs)
             return 0  # the pipeline's first step: collected next time
-        num_tokens = self._collect(outputs)
-        if launched:
-            self._sample_under_grammar(outputs)
+        return self._collect(outputs)
+
+    def _step_async_under_grammar(self, step: SchedulerOutput, outputs: list[EngineCoreOutput]) -> int:
+        """A step sampling under grammars, in ASYNC mode: the step in flight is collected
+        first, as the masks need its tokens."""
+        failures = self.num_failed_steps
+        num_tokens = self._collect(outputs) if self.in_flight else 0
+        if self.num_failed_steps == failures:  # else the recovery preempted this step's requests
+            self._launch_under_grammar(step, outputs)
         return num_tokens
 
     def _step_collect_first(self, outputs: list[EngineCoreOutput]) -> int:
         num_tokens = self._collect(outputs) if self.in_flight else 0
-        if self._launch(outputs):
-            self._sample_under_grammar(outputs)
+        self._launch_next(outputs)
         return num_tokens
 
-    def _launch(self, outputs: list[EngineCoreOutput]) -> bool:
-        """Schedule and launch a step, if there is work."""
-        if not self.scheduler.has_unfinished_requests():
-            return False
-        scheduler_output = self.scheduler.schedule()
+    def _schedule(self) -> SchedulerOutput | None:
+        """The next step, if there is work."""
+        return self.scheduler.schedule() if self.scheduler.has_unfinished_requests() else None
+
+    def _launch(self, scheduler_output: SchedulerOutput, outputs: list[EngineCoreOutput]) -> bool:
+        """Launch a scheduled step; whether it is in flight."""
         try:
             self.executor.launch(scheduler_output)
         except Exception as e:
@@ -208,18 +215,30 @@ class EngineCore:
         self.in_flight.append(scheduler_output)
         return True
 
-    def _sample_under_grammar(self, outputs: list[EngineCoreOutput]) -> None:
-        """Send the grammar masks of the step just launched, if it samples under any. Its
-        forward runs meanwhile; the masks need the matchers to have taken every token before
-        it, so no older step may still be in flight."""
-        if not self.in_flight:
-            return  # a failed collect dropped it
-        step = self.in_flight[-1]
-        if not step.grammar_request_ids:
-            return
-        assert len(self.in_flight) == 1, "grammar masks before the step before is collected"
+    def _launch_next(self, outputs: list[EngineCoreOutput]) -> None:
+        """Schedule and launch a step, if there is work."""
+        step = self._schedule()
+        if step is not None and step.grammar_request_ids:
+            self._launch_under_grammar(step, outputs)
+        elif step is not None:
+            self._launch(step, outputs)
+
+    def _launch_under_grammar(self, step: SchedulerOutput, outputs: list[EngineCoreOutput]) -> None:
+        """Launch a step sampling under grammars, no older step in flight (the masks need the
+        matchers to have taken every token before it). The masks are filled on a thread while
+        the step is launched (llguidance's fill releases the GIL), so the two largest host
+        costs of the step overlap each other and the forward; then the workers sample."""
+        assert not self.in_flight, "grammar masks before the step before is collected"
+        bitmask = self.scheduler.start_grammar_bitmask(step)
         try:
-            self.executor.sample_under_grammar(self.scheduler.grammar_bitmask(step))
+            self.executor.launch(step)
+        except Exception as e:
+            bitmask.exception()  # the fill reads the scheduler's requests: it ends first
+            outputs.extend(self._recover(step, e))
+            return
+        self.in_flight.append(step)
+        try:
+            self.executor.sample_under_grammar(bitmask.result())
         except Exception as e:
             self.in_flight.pop()
             outputs.extend(self._recover(step, e))

@@ -12,6 +12,8 @@ import importlib
 from abc import ABC, abstractmethod
 from typing import Protocol
 
+import numpy as np
+
 from engine_core.config import EngineConfig
 from engine_core.protocol import ModelInfo, ModelRunnerOutput, SchedulerOutput
 
@@ -27,7 +29,7 @@ class WorkerLike(Protocol):
 
     def launch(self, scheduler_output: SchedulerOutput) -> None: ...
 
-    def sample_under_grammar(self, grammar_bitmask: bytes) -> None: ...
+    def sample_under_grammar(self, grammar_bitmask: np.ndarray) -> None: ...
 
     def collect(self) -> ModelRunnerOutput: ...
 
@@ -58,8 +60,9 @@ class Executor(ABC):
     def launch(self, scheduler_output: SchedulerOutput) -> None: ...
 
     @abstractmethod
-    def sample_under_grammar(self, grammar_bitmask: bytes) -> None:
-        """Finish the last launched step, which samples under grammars, with their masks."""
+    def sample_under_grammar(self, grammar_bitmask: np.ndarray) -> None:
+        """Finish the last launched step, which samples under grammars, with their masks
+        ([rows, ceil(vocab / 32)] int32, as `StructuredOutputManager.bitmask` packs them)."""
 
     @abstractmethod
     def collect(self) -> ModelRunnerOutput: ...
@@ -91,7 +94,7 @@ class InProcessExecutor(Executor):
     def launch(self, scheduler_output: SchedulerOutput) -> None:
         self.worker.launch(scheduler_output)
 
-    def sample_under_grammar(self, grammar_bitmask: bytes) -> None:
+    def sample_under_grammar(self, grammar_bitmask: np.ndarray) -> None:
         self.worker.sample_under_grammar(grammar_bitmask)
 
     def collect(self) -> ModelRunnerOutput:

@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import msgspec
+import numpy as np
 import zmq
 
 from engine_core.config import EngineConfig
@@ -77,8 +78,8 @@ class MultiprocExecutor(Executor):
     def launch(self, scheduler_output: SchedulerOutput) -> None:
         self._broadcast(WorkerCommand.LAUNCH, self.encoder.encode(scheduler_output))
 
-    def sample_under_grammar(self, grammar_bitmask: bytes) -> None:
-        self._broadcast(WorkerCommand.SAMPLE, grammar_bitmask)
+    def sample_under_grammar(self, grammar_bitmask: np.ndarray) -> None:
+        self._broadcast(WorkerCommand.SAMPLE, grammar_bitmask.data)
 
     def collect(self) -> ModelRunnerOutput:
         self._broadcast(WorkerCommand.COLLECT)
@@ -104,7 +105,7 @@ class MultiprocExecutor(Executor):
         self.ctx.destroy(linger=0)
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
-    def _broadcast(self, command: WorkerCommand, payload: bytes = b"") -> None:
+    def _broadcast(self, command: WorkerCommand, payload: bytes | memoryview = b"") -> None:
         for sock in self.commands:
             sock.send_multipart((command.value, payload), copy=False)
 

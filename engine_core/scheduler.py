@@ -30,6 +30,9 @@ error; those of a failed batch become suspects, and each then runs alone until i
 from __future__ import annotations
 
 from collections import deque
+from concurrent.futures import Future
+
+import numpy as np
 
 from engine_core.block_pool import KVCacheBlock
 from engine_core.config import SpeculativeConfig
@@ -289,11 +292,12 @@ class Scheduler:
         if grammar_requests:
             output.grammar_request_ids = [r.request_id for r in grammar_requests]
 
-    def grammar_bitmask(self, step: SchedulerOutput) -> bytes:
-        """The masks of the positions `step` samples under grammars, once every step before
-        it has been collected, so that each matcher has taken the tokens before them. A
-        request finished meanwhile gets masks allowing everything: its tokens are dropped."""
-        return self.structured_output.bitmask(
+    def start_grammar_bitmask(self, step: SchedulerOutput) -> Future[np.ndarray]:
+        """Start filling the masks of the positions `step` samples under grammars, on the mask
+        thread; every step before it must have been collected, so that each matcher has taken
+        the tokens before them. A request finished meanwhile gets masks allowing everything:
+        its tokens are dropped. Nothing may change the scheduler until the future is done."""
+        return self.structured_output.start_bitmask(
             [(self.requests.get(request_id), step.scheduled_spec_token_ids.get(request_id, []))
              for request_id in step.grammar_request_ids])
 

@@ -2,17 +2,17 @@
 of every position a step samples, and the matcher's advance by the tokens kept.
 
 The matchers live here, beside the scheduler, as in vLLM V1. The scheduler names the
-requests a step samples under grammars; the worker runs the step's forward and stops at its
-logits; meanwhile the engine collects the step before (so each matcher has taken the tokens
-before this step's), fills this step's masks here and sends them, and the worker applies them
-on the device and samples (engine.py, `_sample_under_grammar`). So async scheduling stays on,
-and filling masks overlaps the forward. A matcher advances only by tokens the request keeps;
-draft positions are masked by advancing it through the drafts and rolling it back.
+requests a step samples under grammars; once the step before is collected (so each matcher
+has taken the tokens before this step's), the engine starts filling this step's masks on the
+mask thread and launches the step meanwhile: the worker runs the forward and stops at its
+logits, gets the masks, applies them on the device and samples (engine.py,
+`_launch_under_grammar`). A matcher advances only by tokens the request keeps; draft positions
+are masked by advancing it through the drafts and rolling it back.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
 import numpy as np
@@ -30,8 +30,8 @@ class GrammarViolation(RuntimeError):
 
 
 class StructuredOutputManager:
-    """The grammar side of the scheduler. The compile thread starts with the first grammar
-    request, and loads the tokenizer then, so engines that never see one pay nothing."""
+    """The grammar side of the scheduler. The compile and mask threads start with the first
+    grammar request, and the tokenizer loads then, so engines that never see one pay nothing."""
 
     def __init__(self, model_path: str, vocab_size: int, eos_token_ids: list[int]) -> None:
         self.model_path = model_path
@@ -39,7 +39,8 @@ class StructuredOutputManager:
         self.eos_token_ids = eos_token_ids
         self.num_words = -(-vocab_size // 32)
         self._compiler: GrammarCompiler | None = None
-        self._executor = llguidance.LLExecutor()
+        self._executor = llguidance.LLExecutor()  # llguidance's own pool, filling rows in parallel
+        self._mask_thread: ThreadPoolExecutor | None = None
 
     def _get_compiler(self) -> GrammarCompiler:
         if self._compiler is None:
@@ -72,17 +73,24 @@ class StructuredOutputManager:
         error = grammar.exception()
         return None if error is None else str(error)
 
-    def bitmask(self, requests: list[tuple[Request | None, list[int]]]) -> bytes:
+    def start_bitmask(self, requests: list[tuple[Request | None, list[int]]]) -> Future[np.ndarray]:
+        """`bitmask`, on the mask thread."""
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        return self._mask_thread.submit(self.bitmask, requests)
+
+    def bitmask(self, requests: list[tuple[Request | None, list[int]]]) -> np.ndarray:
         """The packed masks of the positions these requests sample in a step, each given with
         the drafts scheduled for it: a row after the last known token, then one after each
         draft; ceil(vocab / 32) int32 words a row, bit i of word w allowing token 32 w + i.
         A request that is gone (None) gets rows allowing everything."""
         num_rows = sum(1 + len(drafts) for _, drafts in requests)
-        bitmask = np.full((num_rows, self.num_words), -1, dtype=np.int32)
+        bitmask = np.empty((num_rows, self.num_words), dtype=np.int32)  # llguidance fills whole rows
         plain: list[tuple[LLMatcher, int]] = []
         row = 0
         for request, drafts in requests:
             if request is None:
+                bitmask[row:row + 1 + len(drafts)] = -1
                 row += 1 + len(drafts)
                 continue
             matcher = self.matcher(request)
@@ -100,7 +108,7 @@ class StructuredOutputManager:
             row += 1
         if plain:
             fill_next_token_bitmask_par(self._executor, plain, bitmask)
-        return bitmask.tobytes()
+        return bitmask
 
     def accept_tokens(self, request: Request, token_ids: list[int]) -> bool:
         """Advance the request's matcher by the tokens it keeps; whether a token came after
@@ -127,3 +135,5 @@ class StructuredOutputManager:
     def shutdown(self) -> None:
         if self._compiler is not None:
             self._compiler.shutdown()
+        if self._mask_thread is not None:
+            self._mask_thread.shutdown(wait=True)

@@ -9,13 +9,13 @@ to start its requests' programs (longest first, from the CUDA graphs).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_device import num_sms
 from kernels.triton_e4m3 import E4M3_AS_FP16_SCALE, e4m3_as_fp16
 
 # exp2 is cheaper than exp on the GPU; folding log2(e) into the softmax scale makes them equal.
@@ -242,12 +242,6 @@ _MIN_TILES_PER_SPLIT = 4
 _MAX_SPLITS = 16
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the Triton interpreter on the CPU
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
 
 def select_config(num_tokens: int, num_reqs: int, group: int, max_kv_len: int,
                   num_kv_heads: int, device: torch.device, fp8_cache: bool = False) -> AttentionConfig:
@@ -260,7 +254,7 @@ def select_config(num_tokens: int, num_reqs: int, group: int, max_kv_len: int,
     # An FP8 tile of 128 keys is as many bytes as a 16-bit one of 64: 8% faster at B=256
     # (H200, Llama-3.1-8B heads, 1,024-token contexts).
     block_n = 128 if fp8_cache else 64
-    max_programs = _DECODE_PROGRAMS_PER_SM * _num_sms(device)
+    max_programs = _DECODE_PROGRAMS_PER_SM * num_sms(device)
     max_splits = min(_MAX_SPLITS, max(1, triton.cdiv(max_kv_len, block_n * _MIN_TILES_PER_SPLIT)))
     num_splits = 1
     while num_reqs * num_kv_heads * num_splits * 2 <= max_programs and num_splits * 2 <= max_splits:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import WEIGHT_ONLY_MAX_ROWS
+from kernels.triton_device import num_sms
 from kernels.triton_e4m3 import e4m3_as_fp16
 
 _FP8_MAX = tl.constexpr(448.0)  # a constexpr: the only kind of global a kernel may read
@@ -97,19 +97,13 @@ class WeightOnlyConfig:
     num_stages: int
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the Triton interpreter on the CPU
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
 
 def select_weight_only_config(n: int, k: int, device: torch.device) -> WeightOnlyConfig:
     """From shapes alone (no host sync, CUDA-graph safe). No split of K, which would cost a
     reduction launch per layer. H200, M = 1 and 16 over the Qwen3-0.6B and Llama-3.1-8B
     layers: 64 columns a program are fastest once that still gives most multiprocessors a
     program (N >= 6144), else 32; 512-wide K tiles (docs/benchmarks.md, "Quantization")."""
-    block_n = 64 if triton.cdiv(n, 64) >= 0.7 * _num_sms(device) else 32
+    block_n = 64 if triton.cdiv(n, 64) >= 0.7 * num_sms(device) else 32
     return WeightOnlyConfig(block_n, min(512, triton.next_power_of_2(k)), num_warps=4, num_stages=3)
 
 

@@ -8,12 +8,13 @@ reading, and a second pass sums the splits' float32 partials."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.triton_device import num_sms
 
 
 @triton.jit
@@ -57,12 +58,6 @@ class W4A16Config:
     num_stages: int
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the Triton interpreter on the CPU
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
 
 def select_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> W4A16Config:
     """From shapes alone (no host sync, CUDA-graph safe)."""
@@ -72,7 +67,7 @@ def select_config(m: int, n: int, k: int, group_size: int, device: torch.device)
         programs = triton.cdiv(n, block_n)
         num_tiles = k // block_k
         # About two programs per SM, each keeping at least four K tiles.
-        split_k = max(1, min(num_tiles // 4, 2 * _num_sms(device) // programs))
+        split_k = max(1, min(num_tiles // 4, 2 * num_sms(device) // programs))
         return W4A16Config(16, block_n, block_k, split_k, num_warps=4, num_stages=4)
     if m <= 64:
         return W4A16Config(64, 64, block_k, 1, num_warps=4, num_stages=3)

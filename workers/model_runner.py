@@ -92,6 +92,7 @@ class _AwaitingGrammar:
 
     logits: torch.Tensor
     sampling: _LogitsRows
+    metadata: SamplingMetadata  # built at launch, while the engine fills the masks
     grammar_request_ids: list[str]
     prompt_logprobs: dict[str, Logprobs]
     propose_drafts: bool
@@ -219,26 +220,28 @@ class ModelRunner:
             self.pending.append(PendingStep(prompt_logprobs=prompt_logprobs, propose_drafts=propose))
             return
         logits = self._compute_logits(hidden, sampling.logits_indices, scheduled.inputs.num_tokens)
+        metadata = self._sampling_metadata(sampling)
         if scheduler_output.grammar_request_ids:
-            # Their masks need the previous step's tokens, which the engine may not have yet:
-            # it fills them while this forward runs, and sends them.
-            self.awaiting_grammar = _AwaitingGrammar(logits, sampling, scheduler_output.grammar_request_ids,
-                                                     prompt_logprobs, propose)
+            # The engine fills their masks meanwhile, and sends them.
+            self.awaiting_grammar = _AwaitingGrammar(logits, sampling, metadata,
+                                                     scheduler_output.grammar_request_ids, prompt_logprobs, propose)
             return
-        self._sample_and_enqueue(logits, sampling, prompt_logprobs, propose, None)
+        self._sample_and_enqueue(logits, sampling, metadata, prompt_logprobs, propose)
 
     @torch.inference_mode()
-    def sample_under_grammar(self, grammar_bitmask: bytes) -> None:
+    def sample_under_grammar(self, grammar_bitmask: np.ndarray) -> None:
         """Finish the launched step that waits for its grammar masks (packed as
         `engine_core.structured_output.StructuredOutputManager.bitmask` makes them)."""
         step, self.awaiting_grammar = self.awaiting_grammar, None
         assert step is not None, "no launched step waits for grammar masks"
-        grammar = self._grammar_bitmask(step.grammar_request_ids, grammar_bitmask, step.sampling)
-        self._sample_and_enqueue(step.logits, step.sampling, step.prompt_logprobs, step.propose_drafts, grammar)
+        step.metadata.grammar_bitmask, step.metadata.grammar_rows = \
+            self._grammar_bitmask(step.grammar_request_ids, grammar_bitmask, step.sampling)
+        self._sample_and_enqueue(step.logits, step.sampling, step.metadata, step.prompt_logprobs,
+                                 step.propose_drafts)
 
-    def _sample_and_enqueue(self, logits: torch.Tensor, sampling: _LogitsRows, prompt_logprobs: dict[str, Logprobs],
-                            propose: bool, grammar: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        sampled, out, greedy_draft_token_ids = self._sample(logits, sampling, grammar)
+    def _sample_and_enqueue(self, logits: torch.Tensor, sampling: _LogitsRows, metadata: SamplingMetadata,
+                            prompt_logprobs: dict[str, Logprobs], propose: bool) -> None:
+        sampled, out, greedy_draft_token_ids = self._sample(logits, sampling, metadata)
         sampled_host, ready = self._copy_to_host(sampled)
         self.pending.append(PendingStep(
             request_ids=sampling.request_ids, rows=sampling.rows, sampled_host=sampled_host, ready=ready,
@@ -318,15 +321,11 @@ class ModelRunner:
         # Logits stay in the model's dtype: the fused sampling kernel reads them as they are.
         return self.model.compute_logits(hidden, float32=False)
 
-    def _sample(self, logits: torch.Tensor, sampling: _LogitsRows,
-                grammar: tuple[torch.Tensor, torch.Tensor] | None
+    def _sample(self, logits: torch.Tensor, sampling: _LogitsRows, metadata: SamplingMetadata
                 ) -> tuple[torch.Tensor, SamplerOutput, np.ndarray | None]:
         """The new tokens on the device, [requests, 1 + max drafts] padded with -1, and the
         sampler's output. An all-greedy step verifying drafts returns the argmax at every
         logits row instead, [N], and the drafts, which the host accepts (accept_greedy)."""
-        metadata = self._sampling_metadata(sampling)
-        if grammar is not None:
-            metadata.grammar_bitmask, metadata.grammar_rows = grammar
         out = self.sampler(logits, metadata)
         if sampling.layout is None:
             self._feed_next_step(out.sampled_token_ids, sampling.rows)
@@ -346,7 +345,7 @@ class ModelRunner:
                 self._write_back(step)
         return self.sampling_metadata.build(sampling.logits_rows, sampling.logits_seq_lens, penalized)
 
-    def _grammar_bitmask(self, grammar_request_ids: list[str], grammar_bitmask: bytes, sampling: _LogitsRows
+    def _grammar_bitmask(self, grammar_request_ids: list[str], grammar_bitmask: np.ndarray, sampling: _LogitsRows
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's grammar masks on the device, and the logits row each applies to: a
         grammar request's rows are all those it samples (after its last token, then each
@@ -360,8 +359,7 @@ class ModelRunner:
             num_logits = layout.num_logits[requests]
             first = np.repeat(layout.cu_num_logits[requests], num_logits)
             rows = first + np.arange(num_logits.sum()) - np.repeat(np.cumsum(num_logits) - num_logits, num_logits)
-        bitmask = np.frombuffer(grammar_bitmask, dtype=np.int32).reshape(len(rows), -1).copy()
-        return upload([bitmask, rows], self.device)
+        return upload([grammar_bitmask.reshape(len(rows), -1), rows], self.device)
 
     def _feed_next_step(self, sampled: torch.Tensor, rows: np.ndarray) -> None:
         """Keep the sampled ids on the device for the next step's inputs (async scheduling,

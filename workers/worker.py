@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import GenerationConfig
 
@@ -187,7 +188,7 @@ class Worker:
     def launch(self, scheduler_output: SchedulerOutput) -> None:
         self.model_runner.launch(scheduler_output)
 
-    def sample_under_grammar(self, grammar_bitmask: bytes) -> None:
+    def sample_under_grammar(self, grammar_bitmask: np.ndarray) -> None:
         self.model_runner.sample_under_grammar(grammar_bitmask)
 
     def collect(self) -> ModelRunnerOutput:

@@ -23,6 +23,7 @@ import sys
 import threading
 
 import msgspec
+import numpy as np
 import zmq
 
 from engine_core.config import EngineConfig
@@ -55,7 +56,7 @@ def serve(worker: Worker, rank: int, commands: zmq.Socket, replies: zmq.Socket) 
                 if failed_launch is None and command is WorkerCommand.LAUNCH:
                     worker.launch(decoder.decode(payload.buffer))
                 elif failed_launch is None:
-                    worker.sample_under_grammar(payload.bytes)
+                    worker.sample_under_grammar(np.frombuffer(payload.buffer, np.int32))
             except Exception as e:
                 logger.exception("rank %d failed to launch a step", rank)
                 failed_launch = f"{type(e).__name__}: {e}"
