@@ -11,6 +11,9 @@ checkpoint formats of load_tests.quant_checkpoints (awq, gptq, gptq-asym, fp8-ch
 fp8-tensor-static, fp8-block), written from the model by round-to-nearest. The reference is the
 unquantized model in the same dtype (float32 on the CPU, bfloat16 on a GPU); prompts are
 load_tests/data/prompts.jsonl through the model's tokenizer, or fixed random ids without one.
+`--generate N` appends the reference's greedy continuation of N tokens to each prompt (through
+Octavo's engine) and reports those positions apart: the distributions a user's decode sees,
+where a prompt's first positions are the model's least certain.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Accuracy:
     mean_kl: float
     top1_agreement: float
     num_positions: int
+    generated: Accuracy | None = None  # the positions of the greedy continuations alone
 
 
 def prompt_token_ids(model_dir: Path, num_prompts: int, max_len: int, vocab_size: int) -> list[list[int]]:
@@ -79,22 +83,45 @@ def prompt_logits(model_dir: Path, prompts: list[list[int]], dtype: torch.dtype,
     return logits
 
 
-def compare(reference: list[torch.Tensor], quantized: list[torch.Tensor]) -> Accuracy:
+def compare(reference: list[torch.Tensor], quantized: list[torch.Tensor], prompt_lens: list[int] | None = None
+            ) -> Accuracy:
+    """Over every position; with prompt_lens, also over those predicting a continuation's tokens."""
     ref, quant = torch.cat(reference), torch.cat(quantized)
     ref_logp, quant_logp = ref.log_softmax(-1), quant.log_softmax(-1)
     kl = (ref_logp.exp() * (ref_logp - quant_logp)).sum(-1)
     agree = (ref.argmax(-1) == quant.argmax(-1)).float()
-    return Accuracy(float(kl.mean()), float(agree.mean()), len(ref))
+    generated = None
+    if prompt_lens is not None:
+        generated = compare([r[n - 1:-1] for r, n in zip(reference, prompt_lens)],
+                            [q[n - 1:-1] for q, n in zip(quantized, prompt_lens)])
+    return Accuracy(float(kl.mean()), float(agree.mean()), len(ref), generated)
+
+
+def greedy_continuations(model_dir: Path, prompts: list[list[int]], num_tokens: int, dtype: torch.dtype
+                         ) -> list[list[int]]:
+    """Each prompt followed by the unquantized model's greedy continuation (up to its EOS)."""
+    from engine_core.llm import LLM
+    from engine_core.protocol import SamplingParams
+
+    llm = LLM(str(model_dir), dtype=str(dtype).removeprefix("torch."))
+    try:
+        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=num_tokens))
+    finally:
+        llm.engine.shutdown()
+    return [prompt + output.token_ids for prompt, output in zip(prompts, outputs)]
 
 
 def evaluate(model_dir: Path, formats: list[str], dtype: torch.dtype, device: torch.device,
              num_prompts: int = 8, max_len: int = 64, group_size: int = 128,
-             work_dir: Path | None = None) -> dict[str, Accuracy]:
+             work_dir: Path | None = None, generate: int = 0) -> dict[str, Accuracy]:
     """Accuracy of each format against `model_dir` unquantized."""
     from transformers import AutoConfig
 
     vocab_size = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
     prompts = prompt_token_ids(model_dir, num_prompts, max_len, vocab_size)
+    prompt_lens = [len(p) for p in prompts] if generate else None
+    if generate:
+        prompts = greedy_continuations(model_dir, prompts, generate, dtype)
     reference = prompt_logits(model_dir, prompts, dtype, device)
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="quant-accuracy-"))
     results = {}
@@ -106,7 +133,7 @@ def evaluate(model_dir: Path, formats: list[str], dtype: torch.dtype, device: to
         else:
             write_quantized(model_dir, work_dir / fmt, fmt, group_size)
             logits = prompt_logits(work_dir / fmt, prompts, dtype, device)
-        results[fmt] = compare(reference, logits)
+        results[fmt] = compare(reference, logits, prompt_lens)
     return results
 
 
@@ -119,6 +146,8 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--group-size", type=int, default=128, help="int4 group and fp8 block size")
+    parser.add_argument("--generate", type=int, default=0, metavar="N",
+                        help="append the reference's greedy continuation of N tokens to each prompt")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,11 +165,14 @@ def main() -> None:
         from workers.model_source import resolve_model
 
         model_dir = resolve_model(args.model)
-    results = evaluate(model_dir, args.formats, dtype, device, args.num_prompts, args.max_len, args.group_size)
+    results = evaluate(model_dir, args.formats, dtype, device, args.num_prompts, args.max_len, args.group_size,
+                       generate=args.generate)
     print(f"\n{args.shape or model_dir} on {device} ({str(dtype).removeprefix('torch.')} reference)")
-    print(f"{'format':<18} {'mean KL (nats)':>15} {'top-1 agreement':>16} {'positions':>10}")
+    print(f"{'format':<18} {'positions':<10} {'mean KL (nats)':>15} {'top-1 agreement':>16} {'count':>7}")
     for fmt, acc in results.items():
-        print(f"{fmt:<18} {acc.mean_kl:>15.5f} {acc.top1_agreement:>15.2%} {acc.num_positions:>10}")
+        for name, part in (("all", acc), ("generated", acc.generated)):
+            if part is not None:
+                print(f"{fmt:<18} {name:<10} {part.mean_kl:>15.5f} {part.top1_agreement:>15.2%} {part.num_positions:>7}")
 
 
 if __name__ == "__main__":

@@ -150,6 +150,18 @@ def test_fp8_kv_cache_on_the_default_model(default_model_dir):
     assert acc.mean_kl < 0.015 and acc.top1_agreement >= 0.9, acc
 
 
+def test_compare_splits_out_the_continuation_positions() -> None:
+    # Two sequences of 5 and 4 positions after prompts of 3 and 2 tokens: positions 2..3 and
+    # 1..2 predict continuation tokens (the last position predicts past the sequence).
+    reference = [torch.randn(5, 7), torch.randn(4, 7)]
+    quantized = [r.clone() for r in reference]
+    quantized[0][2] = -reference[0][2]  # one continuation position flips its argmax
+    quantized[1][0] = -reference[1][0]  # one prompt position does
+    acc = compare(reference, quantized, prompt_lens=[3, 2])
+    assert acc.num_positions == 9 and acc.top1_agreement == pytest.approx(7 / 9)
+    assert acc.generated.num_positions == 4 and acc.generated.top1_agreement == pytest.approx(3 / 4)
+
+
 def test_checkpoint_kv_scales_reach_the_attention_layers(qwen3_dir, tmp_path):
     write_quantized(qwen3_dir, tmp_path / "static", "fp8-tensor-static", GROUP)
     model = load_model(tmp_path / "static", torch.float32, CPU)
