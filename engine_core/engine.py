@@ -190,9 +190,9 @@ class EngineCore:
     def _step_async_under_grammar(self, step: SchedulerOutput, outputs: list[EngineCoreOutput]) -> int:
         """A step sampling under grammars, in ASYNC mode: the step in flight is collected
         first, as the masks need its tokens."""
-        failures = self.num_failed_steps
+        failures = self.num_failed_steps  # a failed collect adds one; a good one resets it to 0
         num_tokens = self._collect(outputs) if self.in_flight else 0
-        if self.num_failed_steps == failures:  # else the recovery preempted this step's requests
+        if self.num_failed_steps <= failures:  # else the recovery preempted this step's requests
             self._launch_under_grammar(step, outputs)
         return num_tokens
 

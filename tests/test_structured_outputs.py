@@ -98,6 +98,43 @@ def test_grammar_masks_reach_worker_processes(model_path, llm):
         remote.engine.shutdown()
 
 
+def test_a_step_failing_once_under_grammars_loses_nothing(llm, monkeypatch):
+    """In ASYNC mode a grammar step is launched after the step in flight is collected. A
+    collect that fails there drops the scheduled step unlaunched (the recovery preempted its
+    requests); once the suspects' steps succeed, grammar steps launch again: the tokens are
+    those of a run without the failure."""
+    prompts, params = requests(llm)
+    # Constrained requests only: the suspects' lone steps then all sample under grammars.
+    prompts, params = prompts[:len(CONSTRAINTS) * 2], params[:len(CONSTRAINTS) * 2]
+    llm.engine.set_step_mode(StepMode.ASYNC)
+    try:
+        expected = [o.token_ids for o in llm.generate(prompts, params)]
+        executor = llm.engine.executor
+        collect = executor.collect
+        calls = iter(range(1_000_000))
+
+        def failing_once():
+            result = collect()
+            if next(calls) == 4:
+                raise RuntimeError("transient device error")
+            return result
+
+        recover = llm.engine._recover
+        failed_steps = []
+
+        def recording_recover(failed, error):
+            failed_steps.append(error)
+            return recover(failed, error)
+
+        monkeypatch.setattr(executor, "collect", failing_once)
+        monkeypatch.setattr(llm.engine, "_recover", recording_recover)
+        outputs = llm.generate(prompts, params)
+    finally:
+        llm.engine.set_step_mode(StepMode.SYNC)
+    assert [o.token_ids for o in outputs] == expected
+    assert [str(e) for e in failed_steps] == ["transient device error"]  # no step failed after it
+
+
 def test_requests_sharing_a_grammar_sample_each_under_its_own_matcher(llm):
     """As the frontend fans out n > 1: one grammar, several seeded samples at once; each
     conforms, and the grammar is built once (the others copy it from the cache)."""
