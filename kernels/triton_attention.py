@@ -242,7 +242,6 @@ _MIN_TILES_PER_SPLIT = 4
 _MAX_SPLITS = 16
 
 
-
 def select_config(num_tokens: int, num_reqs: int, group: int, max_kv_len: int,
                   num_kv_heads: int, device: torch.device, fp8_cache: bool = False) -> AttentionConfig:
     """Pick the launch configuration from shapes alone (see the module docstring)."""

@@ -97,12 +97,12 @@ class WeightOnlyConfig:
     num_stages: int
 
 
-
 def select_weight_only_config(n: int, k: int, device: torch.device) -> WeightOnlyConfig:
     """From shapes alone (no host sync, CUDA-graph safe). No split of K, which would cost a
-    reduction launch per layer. H200, M = 1 and 16 over the Qwen3-0.6B and Llama-3.1-8B
-    layers: 64 columns a program are fastest once that still gives most multiprocessors a
-    program (N >= 6144), else 32; 512-wide K tiles (docs/benchmarks.md, "Quantization")."""
+    reduction launch per layer. Swept on the H200 at M = 1 and 16 over the Qwen3-0.6B and
+    Llama-3.1-8B layers (16-64 columns, 256-512-wide K tiles, 4-8 warps, 3-4 stages): 64
+    columns a program were fastest while that still gave most multiprocessors a program
+    (N >= 6144), 32 below; 512-wide K tiles, 4 warps."""
     block_n = 64 if triton.cdiv(n, 64) >= 0.7 * num_sms(device) else 32
     return WeightOnlyConfig(block_n, min(512, triton.next_power_of_2(k)), num_warps=4, num_stages=3)
 
@@ -119,7 +119,8 @@ def fp8_weight_only_linear(x2: torch.Tensor, weight: torch.Tensor, weight_scale:
         _fp8_weight_only_kernel[(triton.cdiv(n, config.block_n),)](
             x2, weight, weight_scale, out, m, n, k, x2.stride(0), weight.stride(0),
             BLOCK_M=WEIGHT_ONLY_MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            FP16_DOT=x2.dtype != torch.float32, USE_ASM=x2.is_cuda, num_warps=config.num_warps, num_stages=config.num_stages)
+            FP16_DOT=x2.dtype != torch.float32, USE_ASM=x2.is_cuda,
+            num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 

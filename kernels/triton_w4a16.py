@@ -58,7 +58,6 @@ class W4A16Config:
     num_stages: int
 
 
-
 def select_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> W4A16Config:
     """From shapes alone (no host sync, CUDA-graph safe)."""
     block_k = min(64, group_size)

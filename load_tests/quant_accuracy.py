@@ -172,7 +172,8 @@ def main() -> None:
     for fmt, acc in results.items():
         for name, part in (("all", acc), ("generated", acc.generated)):
             if part is not None:
-                print(f"{fmt:<18} {name:<10} {part.mean_kl:>15.5f} {part.top1_agreement:>15.2%} {part.num_positions:>7}")
+                print(f"{fmt:<18} {name:<10} {part.mean_kl:>15.5f} {part.top1_agreement:>15.2%}"
+                      f" {part.num_positions:>7}")
 
 
 if __name__ == "__main__":
