@@ -17,9 +17,9 @@ written for the rejected ones is stale, so `num_computed_tokens` rolls back over
 next step overwrites it.
 
 Structured outputs: a request with a grammar waits (without holding up the others) until its
-matcher is built; a step names the requests that sample under a grammar, the engine sends
-their masks (`grammar_bitmask`) once the step before is collected, and the tokens kept
-advance the matchers (structured_output.py).
+matcher is built; a step names the requests that sample under a grammar, the engine has
+their masks filled (`start_grammar_bitmask`) once the step before is collected, and the
+tokens kept advance the matchers (structured_output.py).
 
 A step the workers fail to run must end only the request to blame (`recover_from_failed_step`):
 every running request is preempted by recompute; a request that failed alone finishes with an
