@@ -123,6 +123,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--distributed-executor-backend", choices=("uni", "mp"), default=None,
                         help="mp: the worker in a process of its own (the tensor-parallel path at size 1)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="GPUs to shard the model over; the roofline counts each GPU's bandwidth and FLOPs")
     parser.add_argument("--hf-batch-sizes", type=int, nargs="*", default=None,
                         help="those of --batch-sizes transformers runs (default: all; none: skip it)")
     parser.add_argument("--profile", action="store_true", help="print each batch size's kernels per step")
@@ -151,15 +153,16 @@ def main() -> None:
     budget = args.max_num_batched_tokens
     llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=budget,
               distributed_executor_backend=args.distributed_executor_backend,
-              load_format="auto" if small else "dummy",
+              tensor_parallel_size=args.tensor_parallel_size, load_format="auto" if small else "dummy",
               max_model_len=args.context_len + max_tokens(max(args.batch_sizes), args.context_len,
                                                           args.num_steps, budget))
     rows = {}
     for batch in args.batch_sizes:
         seconds, total_context = octavo_step_seconds(llm, batch, args.context_len, args.num_steps, budget,
                                                      args.profile)
-        roofline = max((weight_bytes_touched(config, batch) + total_context * kv_bytes_per_token) / bandwidth,
-                       batch * (layer_flops_per_token + lm_head_flops) / matmul_flops)
+        tp = args.tensor_parallel_size
+        roofline = max((weight_bytes_touched(config, batch) + total_context * kv_bytes_per_token) / (tp * bandwidth),
+                       batch * (layer_flops_per_token + lm_head_flops) / (tp * matmul_flops))
         rows[batch] = {"octavo": seconds, "roofline": roofline, "context": total_context / batch}
     llm.engine.shutdown()
     del llm

@@ -127,6 +127,7 @@ def run_octavo(model_dir: str, prompts, output_lens, args) -> dict:
     llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=4096,
               enforce_eager=args.enforce_eager, distributed_executor_backend=args.distributed_executor_backend,
+              tensor_parallel_size=args.tensor_parallel_size,
               load_format="auto" if args.shape == "qwen3-0.6b" else "dummy",
               **({"block_size": args.block_size} if args.block_size else {}))
     startup = time.perf_counter() - start
@@ -245,6 +246,8 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--distributed-executor-backend", choices=("uni", "mp"), default=None,
                         help="mp: the worker in a process of its own (the tensor-parallel path at size 1)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="GPUs to shard the model over; the roofline counts each GPU's bandwidth and FLOPs")
     parser.add_argument("--profile", choices=["host", "device"],
                         help="print where the time goes: the host's Python (cProfile) or GPU kernels")
     parser.add_argument("--json", help="write the results here")
@@ -271,7 +274,7 @@ def main() -> None:
     torch.cuda.empty_cache()  # give the measurement's buffers back before the engine sizes its KV cache
     results = [run_octavo(model_dir, prompts, output_lens, args)]
     roofline = roofline_seconds(config, np.array(list(map(len, prompts))), np.array(output_lens),
-                                bandwidth, matmul_flops)
+                                bandwidth * args.tensor_parallel_size, matmul_flops * args.tensor_parallel_size)
     results[0]["roofline_fraction"] = roofline / results[0]["seconds"]
     if args.hf_num_seqs:
         import gc
