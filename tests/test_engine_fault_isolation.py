@@ -340,22 +340,27 @@ def test_random_failures(ops, num_blocks, block_size, budget, max_num_seqs, cach
 # ---- failures of the workers themselves (injected: no request value triggers them) ----
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
-def test_a_step_failing_once_loses_nothing(tiny_path, prompts, alone, async_scheduling, monkeypatch):
-    """A step whose results are lost after the device ran it (a transient error at collect):
-    its requests each run alone fine, so none is blamed and every one completes unchanged."""
-    llm = LLM(tiny_path, kv_cache_memory=1 << 24, async_scheduling=async_scheduling)
-    executor = llm.engine.executor
+def lose_one_collect(executor, monkeypatch, call: int = 4) -> None:
+    """The executor's `call`-th collect (from 0) loses its results after the device ran the
+    step: a transient device error."""
     collect = executor.collect
     calls = iter(range(1_000_000))
 
     def failing_once():
         result = collect()
-        if next(calls) == 4:
+        if next(calls) == call:
             raise RuntimeError("transient device error")
         return result
 
     monkeypatch.setattr(executor, "collect", failing_once)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_step_failing_once_loses_nothing(tiny_path, prompts, alone, async_scheduling, monkeypatch):
+    """A step whose results are lost after the device ran it (a transient error at collect):
+    its requests each run alone fine, so none is blamed and every one completes unchanged."""
+    llm = LLM(tiny_path, kv_cache_memory=1 << 24, async_scheduling=async_scheduling)
+    lose_one_collect(llm.engine.executor, monkeypatch)
     good = {f"g{i}": p for i, p in enumerate(prompts)}
     check(run(llm.engine, {0: greedy(good)}), good, alone, {})
 

@@ -16,6 +16,7 @@ import transformers
 from engine_core.engine import StepMode
 from engine_core.llm import LLM
 from engine_core.protocol import SamplingParams, StructuredOutputsParams as Grammar
+from tests.test_engine_fault_isolation import lose_one_collect
 
 SCHEMA = {"type": "object", "properties": {
     "id": {"type": "integer", "minimum": 0, "maximum": 999},
@@ -109,16 +110,6 @@ def test_a_step_failing_once_under_grammars_loses_nothing(llm, monkeypatch):
     llm.engine.set_step_mode(StepMode.ASYNC)
     try:
         expected = [o.token_ids for o in llm.generate(prompts, params)]
-        executor = llm.engine.executor
-        collect = executor.collect
-        calls = iter(range(1_000_000))
-
-        def failing_once():
-            result = collect()
-            if next(calls) == 4:
-                raise RuntimeError("transient device error")
-            return result
-
         recover = llm.engine._recover
         failed_steps = []
 
@@ -126,7 +117,7 @@ def test_a_step_failing_once_under_grammars_loses_nothing(llm, monkeypatch):
             failed_steps.append(error)
             return recover(failed, error)
 
-        monkeypatch.setattr(executor, "collect", failing_once)
+        lose_one_collect(llm.engine.executor, monkeypatch)
         monkeypatch.setattr(llm.engine, "_recover", recording_recover)
         outputs = llm.generate(prompts, params)
     finally:
