@@ -49,8 +49,10 @@ class Request:
         self.prompt_logprobs: list[Logprobs] = []  # chunks gathered until the first output
         self.stop_token_ids: frozenset[int] = request.sampling_params.stop_ids(eos_token_ids)
         # Structured outputs: the request's grammar matcher, being built or built
-        # (StructuredOutputManager); None without a grammar.
+        # (StructuredOutputManager); None without a grammar. `matcher` is its result, set when
+        # the request is admitted: the hot path reads it without the future's lock.
         self.grammar: Future[LLMatcher] | None = None
+        self.matcher: LLMatcher | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -117,6 +117,8 @@ class Scheduler:
                                      or len(self.running) <= spec.disable_by_batch_size)
 
     def _num_lookahead(self, num_computed: int, num_new: int) -> int:
+        if not self.num_lookahead_tokens:
+            return 0
         return max(0, min(self.num_lookahead_tokens, self.max_model_len - num_computed - num_new))
 
     def schedule(self) -> SchedulerOutput:
@@ -175,22 +177,25 @@ class Scheduler:
         return self.max_num_batched_tokens - output.total_num_scheduled_tokens
 
     def _schedule_running(self, output: SchedulerOutput, speculate: bool) -> None:
-        """Give each running request, oldest first, the tokens it lacks (its drafts included)."""
+        """Give each running request, oldest first, the tokens it lacks (its drafts included).
+        This loop runs for every request at every step: it keeps to locals and few calls."""
+        budget = self._token_budget(output)
+        running = self.running
         i = 0
-        while i < len(self.running) and (budget := self._token_budget(output)) > 0:
-            request = self.running[i]
-            if not speculate and request.spec_token_ids:
+        while i < len(running) and budget > 0:
+            request = running[i]
+            i += 1  # preemption pops from the end, never before i
+            if request.spec_token_ids and not speculate:
                 request.spec_token_ids = []
-            num_known = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
+            num_known = len(request.all_token_ids) + request.num_output_placeholders - request.num_computed_tokens
             num_new = min(num_known + len(request.spec_token_ids), budget)
             if num_new <= 0 or self._reached_length(request):
-                i += 1  # its last token is in flight; it finishes when that arrives
-                continue
+                continue  # its last token is in flight; it finishes when that arrives
             new_blocks = self._allocate_or_preempt(request, num_new)
             if new_blocks is None:
                 return  # it preempted itself, the last one running
             self._add_running(output, request, num_new, num_known, new_blocks)
-            i += 1
+            budget -= num_new
 
     def _allocate_or_preempt(self, request: Request, num_new: int) -> list[KVCacheBlock] | None:
         """KV slots for `num_new` more tokens of a running request, preempting the newest
@@ -205,7 +210,8 @@ class Scheduler:
 
     def _add_running(self, output: SchedulerOutput, request: Request, num_new: int, num_known: int,
                      new_blocks: list[KVCacheBlock]) -> None:
-        self._add(output, request, num_new)
+        output.num_scheduled_tokens[request.request_id] = num_new
+        output.total_num_scheduled_tokens += num_new
         if request.spec_token_ids:
             # The budget may cut the drafts short; those left out are dropped.
             del request.spec_token_ids[max(num_new - num_known, 0):]
@@ -213,7 +219,7 @@ class Scheduler:
                 output.scheduled_spec_token_ids[request.request_id] = request.spec_token_ids
         cached = output.cached_requests
         cached.request_ids.append(request.request_id)
-        cached.new_block_ids.append([b.block_id for b in new_blocks])
+        cached.new_block_ids.append([b.block_id for b in new_blocks] if new_blocks else [])
         cached.num_computed_tokens.append(request.num_computed_tokens)
 
     def _schedule_waiting(self, output: SchedulerOutput) -> None:
@@ -240,6 +246,7 @@ class Scheduler:
                 if request.grammar.exception() is not None:
                     self._fail_grammar(self.waiting.popleft())
                     continue
+                request.matcher = request.grammar.result()
             hits, num_hit_tokens = kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             if kv.allocate_slots(request, num_new, hits, self._num_lookahead(num_hit_tokens, num_new)) is None:
@@ -306,7 +313,7 @@ class Scheduler:
         if not request.num_output_placeholders:
             return False
         max_tokens = request.sampling_params.max_tokens
-        num_tokens = request.num_tokens + request.num_output_placeholders
+        num_tokens = len(request.all_token_ids) + request.num_output_placeholders
         return ((max_tokens is not None and num_tokens - request.num_prompt_tokens >= max_tokens)
                 or num_tokens >= self.max_model_len)
 
@@ -330,16 +337,18 @@ class Scheduler:
             self.suspects.difference_update(runner_output.request_ids)
         self._gather_prompt_logprobs(runner_output.prompt_logprobs)
         outputs: list[EngineCoreOutput] = []
+        requests, spec_token_ids = self.requests, scheduler_output.scheduled_spec_token_ids
+        draft_token_ids, logprobs = runner_output.draft_token_ids, runner_output.logprobs
         for request_id, token_ids in zip(runner_output.request_ids, runner_output.sampled_token_ids):
-            request = self.requests.get(request_id)
+            request = requests.get(request_id)
             if request is None:
                 continue  # finished or aborted while the step ran
-            num_drafts = len(scheduler_output.scheduled_spec_token_ids.get(request_id, ()))
-            new_token_ids = self._accept_tokens(request, token_ids, num_drafts,
-                                                runner_output.draft_token_ids.get(request_id))
-            outputs.append(self._make_output(request, new_token_ids, runner_output.logprobs.get(request_id)))
-            request.prompt_logprobs = []  # sent
-            if request.is_finished:
+            num_drafts = len(spec_token_ids[request_id]) if request_id in spec_token_ids else 0
+            new_token_ids = self._accept_tokens(request, token_ids, num_drafts, draft_token_ids.get(request_id))
+            outputs.append(self._make_output(request, new_token_ids, logprobs.get(request_id)))
+            if request.prompt_logprobs:
+                request.prompt_logprobs = []  # sent
+            if request.status == RequestStatus.FINISHED:
                 self._remove_finished(request)
         return outputs
 
@@ -444,15 +453,17 @@ class Scheduler:
     def _append_and_check_stop(self, request: Request, token_ids: list[int]) -> list[int]:
         params = request.sampling_params
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len
+        all_token_ids = request.all_token_ids
         for n, token_id in enumerate(token_ids, start=1):
-            request.all_token_ids.append(token_id)
-            num_output = request.num_output_tokens
+            all_token_ids.append(token_id)
+            num_tokens = len(all_token_ids)
+            num_output = num_tokens - request.num_prompt_tokens
             # The sampler masks stop tokens until min_tokens are out, so one here is final.
             if token_id in request.stop_token_ids and num_output > params.min_tokens:
                 stop_reason = token_id if token_id in params.stop_token_ids else None
                 request.finish(FinishReason.STOP, stop_reason)
                 return token_ids[:n]
-            if num_output >= max_tokens or request.num_tokens >= self.max_model_len:
+            if num_output >= max_tokens or num_tokens >= self.max_model_len:
                 request.finish(FinishReason.LENGTH)
                 return token_ids[:n]
         return token_ids

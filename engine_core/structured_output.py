@@ -57,22 +57,6 @@ class StructuredOutputManager:
         if params is not None:
             request.grammar = self._get_compiler().submit(params)
 
-    @staticmethod
-    def matcher(request: Request) -> LLMatcher:
-        return request.grammar.result()
-
-    @staticmethod
-    def is_ready(request: Request) -> bool:
-        """Whether the request may be scheduled: no grammar, or its matcher is built (a failed
-        build is ready too: the scheduler then finishes the request with its error)."""
-        return request.grammar is None or request.grammar.done()
-
-    @staticmethod
-    def build_error(request: Request) -> str | None:
-        grammar: Future[LLMatcher] = request.grammar
-        error = grammar.exception()
-        return None if error is None else str(error)
-
     def start_bitmask(self, requests: list[tuple[Request | None, list[int]]]) -> Future[np.ndarray]:
         """`bitmask`, on the mask thread."""
         if self._mask_thread is None:
@@ -93,7 +77,7 @@ class StructuredOutputManager:
                 bitmask[row:row + 1 + len(drafts)] = -1
                 row += 1 + len(drafts)
                 continue
-            matcher = self.matcher(request)
+            matcher = request.matcher
             if not drafts:
                 plain.append((matcher, row))
                 row += 1
@@ -115,7 +99,7 @@ class StructuredOutputManager:
         the grammar's end. Past its end the mask allows only EOS, so a request that ignores
         EOS ends with that token too. (A grammar that ends is not the request's end: the EOS
         that follows is, as the frontend expects.)"""
-        matcher = self.matcher(request)
+        matcher = request.matcher
         for token_id in token_ids:
             if matcher.is_stopped():
                 return True
@@ -125,7 +109,7 @@ class StructuredOutputManager:
 
     def trim_drafts(self, request: Request, draft_token_ids: list[int]) -> list[int]:
         """The drafts up to the first one the grammar refuses: no later one can be accepted."""
-        return draft_token_ids[:self.matcher(request).validate_tokens(draft_token_ids)]
+        return draft_token_ids[:request.matcher.validate_tokens(draft_token_ids)]
 
     def drain_stats_into(self, stats: SchedulerStats) -> None:
         if self._compiler is not None:

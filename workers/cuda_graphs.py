@@ -118,6 +118,7 @@ class CudaGraphRunner:
         self.mirrors = [torch.zeros(offset, dtype=torch.uint8, pin_memory=True) for _ in range(_NUM_MIRRORS)]
         self.mirror_views = [self._host_views(m) for m in self.mirrors]
         self.mirror_copied = [torch.cuda.Event() for _ in range(_NUM_MIRRORS)]
+        self.stream = torch.cuda.current_stream(device)  # named once: the lookup costs the host a step
         self.num_runs = 0
         self.arange = np.arange(num_tokens + n + 2)
         self.graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
@@ -203,7 +204,7 @@ class CudaGraphRunner:
         self.device_buffer[:self.block_tables_offset].copy_(mirror[:self.block_tables_offset], non_blocking=True)
         self.device_buffer[self.block_tables_offset:end].copy_(mirror[self.block_tables_offset:end],
                                                                  non_blocking=True)
-        self.mirror_copied[turn].record()
+        self.mirror_copied[turn].record(self.stream)
         if not host_ids:
             self.input_ids[:num_tokens].copy_(inputs.input_ids, non_blocking=True)
         if num_in_flight:

@@ -46,9 +46,10 @@ class InputBatch:
         # that never speculate (SamplingParams.has_logits_processors, penalties among them).
         self.penalized = np.zeros(max_num_reqs, dtype=bool)
         self.no_spec = np.zeros(max_num_reqs, dtype=bool)
+        self.seeded = np.zeros(max_num_reqs, dtype=bool)
+        self.seed = np.zeros(max_num_reqs, dtype=np.int64)  # read where seeded
         # Sparse, rarely used parameters stay in dicts keyed by row.
-        self.seeds: dict[int, int] = {}
-        self.generators: dict[int, torch.Generator] = {}
+        self.generators: dict[int, torch.Generator] = {}  # seeded rows
         self.logit_bias: dict[int, dict[int, float]] = {}
         self.stop_token_ids: dict[int, list[int]] = {}  # rows with min_tokens > 0 only
 
@@ -76,8 +77,9 @@ class InputBatch:
         self.num_prompt_logprobs[row] = _NO_LOGPROBS if p.prompt_logprobs is None else p.prompt_logprobs
         self.penalized[row] = p.has_penalties
         self.no_spec[row] = p.has_logits_processors
+        self.seeded[row] = p.seed is not None
         if p.seed is not None:
-            self.seeds[row] = p.seed
+            self.seed[row] = p.seed
             self.generators[row] = torch.Generator(device=self.device)
         if p.logit_bias:
             self.logit_bias[row] = p.logit_bias
@@ -88,7 +90,7 @@ class InputBatch:
         row = self.req_id_to_row.pop(request_id, None)
         if row is None:
             return
-        for sparse in (self.seeds, self.generators, self.logit_bias, self.stop_token_ids):
+        for sparse in (self.generators, self.logit_bias, self.stop_token_ids):
             sparse.pop(row, None)
         self.free_rows.append(row)
 
@@ -97,7 +99,7 @@ class InputBatch:
         rewritten when it is taken again; only the index and the sparse dicts need emptying."""
         self.req_id_to_row.clear()
         self.free_rows = list(range(self.max_num_reqs - 1, -1, -1))
-        for sparse in (self.seeds, self.generators, self.logit_bias, self.stop_token_ids):
+        for sparse in (self.generators, self.logit_bias, self.stop_token_ids):
             sparse.clear()
 
     def append_blocks(self, row: int, block_ids: list[int]) -> None:

@@ -121,6 +121,14 @@ class ModelRunner:
         # only after that step is collected (the engine keeps at most two in flight).
         self.sampled_host = [torch.empty(max_num_reqs * (1 + num_speculative_tokens), dtype=torch.long,
                                          pin_memory=device.type == "cuda") for _ in range(_SAMPLED_HOST_BUFFERS)]
+        # An event per buffer, recorded after its copy, on the stream every step runs on (named
+        # once: looking up the current stream costs the host tens of microseconds a step).
+        self.sampled_ready = ([torch.cuda.Event() for _ in range(_SAMPLED_HOST_BUFFERS)]
+                              if device.type == "cuda" else [])
+        self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        # Pinned staging of grammar masks, allocated with the first grammar step (_grammar_bitmask).
+        self.grammar_host: torch.Tensor | None = None
+        self.grammar_copied = torch.cuda.Event() if device.type == "cuda" else None
         self.num_launched = 0
         # The last launched step's sampled tokens (on the device) and each row's index in them.
         self.prev_sampled = torch.zeros(0, dtype=torch.long, device=device)
@@ -359,7 +367,20 @@ class ModelRunner:
             num_logits = layout.num_logits[requests]
             first = np.repeat(layout.cu_num_logits[requests], num_logits)
             rows = first + np.arange(num_logits.sum()) - np.repeat(np.cumsum(num_logits) - num_logits, num_logits)
-        return upload([grammar_bitmask.reshape(len(rows), -1), rows], self.device)
+        masks = grammar_bitmask.reshape(len(rows), -1)
+        if self.device.type != "cuda":
+            return torch.from_numpy(masks), torch.from_numpy(rows)
+        # A persistent pinned buffer: a batch's masks are megabytes (vocab / 8 bytes a row),
+        # too large to pin afresh every step. Its last copy is done long before (that step was
+        # collected), but the event makes sure.
+        if self.grammar_host is None or self.grammar_host.numel() < masks.size:
+            self.grammar_host = torch.empty(masks.size, dtype=torch.int32, pin_memory=True)
+        self.grammar_copied.synchronize()
+        host = self.grammar_host[:masks.size]
+        host.numpy()[:] = masks.reshape(-1)
+        device_masks = host.to(self.device, non_blocking=True).view(masks.shape)
+        self.grammar_copied.record(self.stream)
+        return device_masks, self._to_device(rows)
 
     def _feed_next_step(self, sampled: torch.Tensor, rows: np.ndarray) -> None:
         """Keep the sampled ids on the device for the next step's inputs (async scheduling,
@@ -385,13 +406,13 @@ class ModelRunner:
     def _copy_to_host(self, sampled: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """Enqueue the copy of the sampled ids to the next pinned buffer, and an event after it."""
         assert len(self.pending) < len(self.sampled_host), "more steps in flight than sampled-id buffers"
-        buffer = self.sampled_host[self.num_launched % len(self.sampled_host)][:sampled.numel()]
+        turn = self.num_launched % len(self.sampled_host)
         self.num_launched += 1
-        sampled_host = buffer.view(sampled.shape).copy_(sampled, non_blocking=True)
+        sampled_host = self.sampled_host[turn][:sampled.numel()].view(sampled.shape).copy_(sampled, non_blocking=True)
         if self.device.type != "cuda":
             return sampled_host, None
-        ready = torch.cuda.Event()
-        ready.record()
+        ready = self.sampled_ready[turn]
+        ready.record(self.stream)
         return sampled_host, ready
 
     def _draft_token_ids(self, sampling: _LogitsRows) -> np.ndarray:

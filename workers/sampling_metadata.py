@@ -20,10 +20,14 @@ _PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 HostArrays = dict[str, np.ndarray | None]
 
 
-def seed_key(seed: int, num_output: int) -> int:
-    """The random key of a seeded request's sample at one output position: its tokens then
-    depend neither on the batch around it nor on preemption."""
-    return (seed + num_output * _SEED_MIX) % (1 << 63)
+def seed_keys(seeds: np.ndarray, num_output: np.ndarray, offset: int = 0) -> np.ndarray:
+    """The random keys of seeded requests' samples at their output positions, (seed + offset
+    + num_output * _SEED_MIX) mod 2**63: a request's tokens then depend neither on the batch
+    around it nor on preemption. Computed modulo 2**64 in uint64 (2**63 divides it), so a seed
+    anywhere in int64 works."""
+    with np.errstate(over="ignore"):
+        keys = seeds.astype(np.uint64) + np.uint64(offset) + num_output.astype(np.uint64) * np.uint64(_SEED_MIX)
+    return (keys & np.uint64((1 << 63) - 1)).astype(np.int64)
 
 
 def _random_keys(num_rows: int) -> np.ndarray:
@@ -67,10 +71,11 @@ class SamplingMetadataBuilder:
         position of its first draft for seeded requests, drawn afresh for the others."""
         b = self.batch
         keys = _random_keys(len(rows))
-        num_output = seq_lens - b.num_prompt_tokens[rows]
-        for i in np.flatnonzero(np.isin(rows, list(b.seeds))) if b.seeds else ():
+        seeded = b.seeded[rows]
+        if seeded.any():
             # Offset from the sampler's keys of the same positions, so the two draw apart.
-            keys[i] = seed_key(b.seeds[int(rows[i])] + 1, int(num_output[i]))
+            num_output = seq_lens[seeded] - b.num_prompt_tokens[rows[seeded]]
+            keys[seeded] = seed_keys(b.seed[rows[seeded]], num_output, offset=1)
         return upload([keys], self.device)[0]
 
     def _truncation(self, rows: np.ndarray) -> tuple[HostArrays, np.ndarray]:
@@ -126,18 +131,20 @@ class SamplingMetadataBuilder:
         # One draw for every row's key; seeded rows' keys are overwritten below.
         seeds = _random_keys(len(rows)) if fused else None
         generators: dict[int, torch.Generator] = {}
+        seeded = b.seeded[rows]
+        if not seeded.any():
+            return seeds, generators
         # A request verifying drafts has a row per position, each seeded by its own position.
-        for i in np.flatnonzero(np.isin(rows, list(b.seeds))) if b.seeds else ():
+        keys = seed_keys(b.seed[rows], num_output)
+        if fused:
+            seeds[seeded] = keys[seeded]
+        for i in np.flatnonzero(seeded & needs_torch if fused else seeded):
+            # The sampler draws after all rows are seeded: a request's later rows need
+            # generators of their own.
             row = int(rows[i])
-            key = seed_key(b.seeds[row], int(num_output[i]))
-            if fused:
-                seeds[i] = key
-            if not fused or needs_torch[i]:
-                # The sampler draws after all rows are seeded: a request's later rows need
-                # generators of their own.
-                generator = b.generators[row] if i == 0 or rows[i - 1] != row else torch.Generator(self.device)
-                generator.manual_seed(key)
-                generators[i] = generator
+            generator = b.generators[row] if i == 0 or rows[i - 1] != row else torch.Generator(self.device)
+            generator.manual_seed(int(keys[i]))
+            generators[i] = generator
         return seeds, generators
 
     def _token_counts(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
