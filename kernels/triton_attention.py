@@ -101,7 +101,13 @@ def _attend_kv_tiles(acc, row_sum, row_max, q, k_ptr, v_ptr, block_table_ptr, q_
     return acc, row_sum, row_max
 
 
-@triton.jit
+# Triton compiles a variant of a kernel for each integer argument equal to 1, divisible by 16,
+# or neither. The request and row counts change every step: specialized, their combinations
+# (with the configuration's constants) outnumber what the model runner's warm-up can compile,
+# and an eager step meeting a new one compiled it mid-run, stalling the GPU for most of a second
+# (docs/benchmarks.md, the Qwen2.5-1.5B shape, whose 12 heads make the row count's divisibility
+# vary). They are loop bounds and offsets, not strides: specializing them gains nothing.
+@triton.jit(do_not_specialize=["num_reqs", "num_split_rows"])
 def _paged_attention_kernel(
     query_ptr, cache_ptr, out_ptr, split_acc_ptr, split_stats_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, decode_order_ptr,
@@ -200,7 +206,7 @@ def _paged_attention_kernel(
         tl.store(split_stats_ptr + num_split_rows + split_row, row_sum, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_split_rows"])
 def _combine_splits_kernel(split_acc_ptr, split_stats_ptr, out_ptr, num_heads, num_split_rows,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                            NUM_SPLITS: tl.constexpr):

@@ -25,7 +25,7 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # the step's token count (see triton_attention.py)
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, eps,
                      num_rows, inner_rows, stride_x_outer, stride_x_inner,
                      stride_res_outer, stride_res_inner,
