@@ -114,6 +114,7 @@ class ModelRunner:
         self.sampling_metadata = SamplingMetadataBuilder(self.batch, vocab_size, device)
         self.sampler = Sampler()
         self.max_model_len = max_model_len
+        self.num_speculative_tokens = num_speculative_tokens
         self.proposer = make_proposer(self.batch) if make_proposer is not None else None
         self.pending: deque[PendingStep] = deque()
         self.awaiting_grammar: _AwaitingGrammar | None = None  # launched, not yet sampled
@@ -174,11 +175,18 @@ class ModelRunner:
             # Greedy and sampled rows, so the sampling kernel compiles now too.
             temperature = torch.tensor([0.0, 1.0] * num_reqs, device=self.device)[:num_reqs]
             keys = torch.arange(num_reqs, device=self.device)
-            sampled = ops.sample_gumbel(logits, temperature, keys)
-            if self.proposer is not None:
-                # One draft per request, verified by the rejection kernel.
-                ops.rejection_sample(sampled, torch.arange(num_reqs + 1, dtype=torch.int32, device=self.device),
-                                     logits.float().softmax(dim=-1), None, sampled, temperature == 0, keys, 1)
+            ops.sample_gumbel(logits, temperature, keys)
+        if self.proposer is not None:
+            # The rejection kernels specialize on the step's most drafts per request: verify
+            # one request's 1, 2, ..., k drafts, so that no step compiles a variant mid-run.
+            vocab_size = logits.shape[1]
+            token_ids = torch.zeros(self.num_speculative_tokens, dtype=torch.long, device=self.device)
+            probs = torch.full((self.num_speculative_tokens, vocab_size), 1.0 / vocab_size, device=self.device)
+            sampled_row = torch.zeros(1, dtype=torch.bool, device=self.device)
+            for num_draft in range(1, self.num_speculative_tokens + 1):
+                cu_num_draft = torch.tensor([0, num_draft], dtype=torch.int32, device=self.device)
+                ops.rejection_sample(token_ids[:num_draft], cu_num_draft, probs[:num_draft], None, token_ids[:1],
+                                     sampled_row, token_ids[:1], num_draft)
         torch.cuda.synchronize(self.device)
 
     def reset(self) -> None:

@@ -8,7 +8,8 @@ idles: mid-run, it cost the Qwen2.5-1.5B shape's reference workload a third of i
 (docs/benchmarks.md). The models here have that shape's head layout (12 query heads over 2 KV
 heads: the attention's row counts are then divisible by 16 on some steps and not on others),
 and Qwen3's 16 over 8; the workload mixes chunked prefills, decodes and batch sizes, in bf16
-with CUDA graphs, as served.
+with CUDA graphs, as served, and once more with n-gram speculation, whose verification steps
+vary the number of drafts per request.
 """
 
 from __future__ import annotations
@@ -43,9 +44,14 @@ def model_path(request, tmp_path) -> str:
     return str(tmp_path)
 
 
-def test_a_mixed_workload_compiles_nothing_after_start_up(model_path):
+NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
+@pytest.mark.parametrize("speculative_config", [None, NGRAM], ids=["plain", "ngram"])
+def test_a_mixed_workload_compiles_nothing_after_start_up(model_path, speculative_config):
     # A small token budget: long prompts are chunked and share steps with decodes.
-    llm = LLM(model_path, max_model_len=2048, max_num_seqs=64, max_num_batched_tokens=512)
+    llm = LLM(model_path, max_model_len=2048, max_num_seqs=64, max_num_batched_tokens=512,
+              speculative_config=speculative_config)
     compiled: list[str] = []
 
     def record(*args, **kwargs) -> bool:
@@ -57,7 +63,8 @@ def test_a_mixed_workload_compiles_nothing_after_start_up(model_path):
     triton.knobs.runtime.jit_cache_hook = record
     try:
         for batch in (1, 2, 3, 5, 16, 17, 40, 64, 100):
-            prompts = [[rng.randrange(1, 1000) for _ in range(rng.randrange(1, 1500))] for _ in range(batch)]
+            # A small alphabet: prompts repeat n-grams, so the proposer finds drafts.
+            prompts = [[rng.randrange(1, 50) for _ in range(rng.randrange(1, 1500))] for _ in range(batch)]
             params = [SamplingParams(temperature=rng.choice([0.0, 0.8]), max_tokens=rng.randrange(1, 48),
                                      ignore_eos=True) for _ in range(batch)]
             llm.generate(prompts, params)
