@@ -210,8 +210,7 @@ class Scheduler:
 
     def _add_running(self, output: SchedulerOutput, request: Request, num_new: int, num_known: int,
                      new_blocks: list[KVCacheBlock]) -> None:
-        output.num_scheduled_tokens[request.request_id] = num_new
-        output.total_num_scheduled_tokens += num_new
+        self._add(output, request, num_new)
         if request.spec_token_ids:
             # The budget may cut the drafts short; those left out are dropped.
             del request.spec_token_ids[max(num_new - num_known, 0):]

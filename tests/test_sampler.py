@@ -23,7 +23,10 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+import random
+
 import msgspec
+import numpy as np
 import pytest
 import torch
 
@@ -32,6 +35,7 @@ from kernels import reference
 from load_tests.gpu_inputs import sampling_metadata
 from triton_interpreter import interpreter_tests, run_cases
 from workers.sampler import Sampler, SamplingMetadata
+from workers.sampling_metadata import _SEED_MIX, seed_keys
 
 ALPHA = 1e-4  # a correct sampler fails a check this rarely; the draws are seeded anyway
 LOGITS = torch.tensor([1.0, 2.0, 0.5, -1.0, 1.5, 0.0, -0.5, 2.2])
@@ -345,3 +349,15 @@ interpreter_results, test_triton_kernel = interpreter_tests(__file__, INTERPRETE
 
 if __name__ == "__main__":
     run_cases(INTERPRETER_CASES, sys.argv[1])
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_seed_keys_are_exact_over_all_of_int64(offset):
+    """A seeded row's key is (seed + offset + num_output * _SEED_MIX) mod 2**63, computed in
+    uint64 arithmetic for a whole step at once: it must equal the exact integer formula for
+    any int64 seed, so that a request's tokens never depend on how its key was computed."""
+    rng = random.Random(0)
+    seeds = [rng.randrange(-2**63, 2**63) for _ in range(2000)] + [-2**63, -1, 0, 1, 2**63 - 1]
+    num_output = [rng.randrange(0, 2**31) for _ in seeds]
+    keys = seed_keys(np.array(seeds, dtype=np.int64), np.array(num_output, dtype=np.int64), offset)
+    assert keys.tolist() == [(s + offset + n * _SEED_MIX) % 2**63 for s, n in zip(seeds, num_output)]
