@@ -1,5 +1,5 @@
-"""One forward step of a model over a paged KV cache, built by hand: the GPU tests compare its
-logits with transformers' without the engine around it."""
+"""Forward steps of a model over a paged KV cache, built by hand: the GPU tests compare their
+logits with transformers' (and TP=2's with TP=1's) without the engine around them."""
 
 from __future__ import annotations
 
@@ -26,3 +26,24 @@ def paged_step_logits(model: nn.Module, seqs: list[list[int]], tables: torch.Ten
                                  torch.tensor(lens, dtype=torch.int32, device=device), tables)
     hidden = model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), metadata)
     return model.compute_logits(hidden), starts
+
+
+BLOCK_SIZE, NUM_BLOCKS = 16, 256
+# Step 1: partial prefills (one request has nothing to do yet). Step 2: the rest of the
+# prompts over their cached prefixes, mixed with a decode-length chunk.
+STEPS = [[(0, 200), (0, 30), (0, 0), (0, 1)], [(200, 300), (30, 37), (0, 129), (1, 1)]]
+SEQUENCE_LENGTHS = (300, 37, 129, 1)
+
+
+@torch.inference_mode()
+def mixed_batch_logits(model: nn.Module, seqs: list[list[int]], dtype: torch.dtype,
+                       device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """The logits of STEPS' second step over a paged KV cache (block tables a fixed
+    permutation), and each request's first row in them."""
+    for layer in model.attention_layers():
+        layer.kv_cache = torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, layer.num_kv_heads, layer.head_dim,
+                                     dtype=dtype, device=device)
+    permutation = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    tables = permutation.view(len(seqs), -1)[:, :32].to(device)
+    paged_step_logits(model, seqs, tables, BLOCK_SIZE, STEPS[0])
+    return paged_step_logits(model, seqs, tables, BLOCK_SIZE, STEPS[1])

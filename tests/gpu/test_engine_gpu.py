@@ -20,7 +20,7 @@ import random
 import pytest
 import torch
 import transformers
-from tests.gpu.paged_steps import paged_step_logits
+from tests.gpu.paged_steps import SEQUENCE_LENGTHS, STEPS, mixed_batch_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -71,22 +71,10 @@ def test_mixed_batch_logits(checkpoint, dtype, bound):
     for param in hf.parameters():
         param.data = param.data.to(dtype).float()
     ours = load_model(path, dtype, torch.device("cuda"))
-    block_size, num_blocks = 16, 256
-    for layer in ours.attention_layers():
-        layer.kv_cache = torch.zeros(2, num_blocks, block_size, layer.num_kv_heads, layer.head_dim,
-                                     dtype=dtype, device="cuda")
     rng = random.Random(0)
-    seqs = [[rng.randrange(VOCAB) for _ in range(n)] for n in (300, 37, 129, 1)]
-    tables = torch.randperm(num_blocks, dtype=torch.int32).view(len(seqs), -1)[:, :32].cuda()
-
-    def run(chunks: list[tuple[int, int]]):
-        return paged_step_logits(ours, seqs, tables, block_size, chunks)
-
-    # Step 1: partial prefills (one request has nothing to do yet). Step 2: the rest of the
-    # prompts over their cached prefixes, mixed with a decode-length chunk.
-    run([(0, 200), (0, 30), (0, 0), (0, 1)])
-    logits, starts = run([(200, 300), (30, 37), (0, 129), (1, 1)])
-    for i, (start, end) in enumerate([(200, 300), (30, 37), (0, 129)]):
+    seqs = [[rng.randrange(VOCAB) for _ in range(n)] for n in SEQUENCE_LENGTHS]
+    logits, starts = mixed_batch_logits(ours, seqs, dtype, torch.device("cuda"))
+    for i, (start, end) in enumerate(STEPS[1][:3]):
         tokens = torch.tensor([seqs[i][:end]], device="cuda")
         ref = hf(tokens).logits[0, start:end]
         err = rel_error(logits[starts[i]:starts[i + 1]], ref)
