@@ -5,6 +5,8 @@ where real weights cannot be had (the GPU machine has no network).
     python -m load_tests.make_random_model /tmp/tiny-random --tiny         # a few MB, for CPU tests
     python -m load_tests.make_random_model /tmp/a3b-4l --shape qwen3-30b-a3b --num-layers 4   # any shape of
                                                                            # load_tests/shapes.py, fewer layers
+    python -m load_tests.make_random_model /tmp/llama-70b --shape llama-3.1-70b --config-only   # no weights:
+                                                                           # for `octavo serve --load-format dummy`
 
 The server needs a tokenizer whose vocabulary covers every id a random model may generate
 (151,936 for Qwen3): a borrowed smaller one could not decode the high ids. So this writes its
@@ -63,6 +65,9 @@ def main() -> None:
                         "Qwen3-0.6B's (its eos id becomes the tokenizer's)")
     parser.add_argument("--num-layers", type=int, help="keep only this many layers of the shape")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config-only", action="store_true",
+                        help="config.json and the tokenizer, no weights: a server started with --load-format dummy "
+                             "makes random ones on the device (a shape too large to write, such as a 70B)")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -75,14 +80,18 @@ def main() -> None:
         config = qwen3_config(args.tiny)
     if args.num_layers:
         config.num_hidden_layers = args.num_layers
+    tokenizer = byte_level_tokenizer(config.vocab_size)
+    assert tokenizer.eos_token_id == config.eos_token_id and len(tokenizer) == config.vocab_size
+    tokenizer.save_pretrained(args.out_dir)
+    if args.config_only:
+        config.save_pretrained(args.out_dir)
+        print(f"wrote {args.out_dir}: config.json and a tokenizer of {len(tokenizer)} tokens, no weights")
+        return
     torch.manual_seed(args.seed)
     # Random initialization of 0.6B parameters is much faster on a GPU, where there is one.
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(args.out_dir)
-    tokenizer = byte_level_tokenizer(config.vocab_size)
-    assert tokenizer.eos_token_id == config.eos_token_id and len(tokenizer) == config.vocab_size
-    tokenizer.save_pretrained(args.out_dir)
     print(f"wrote {args.out_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
           f"vocabulary {len(tokenizer)}")
 

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from frontend.cli import parse_bytes
+from load_tests.kill_rank import process_is_gone as engine_is_gone
 
 API_KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct"
@@ -100,15 +101,6 @@ def request(server: ServerProcess, method: str, path: str, body: bytes | dict | 
         return response.status, json.loads(data)
     except ValueError:
         return response.status, data
-
-
-def engine_is_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] == "Z"  # exited, not yet reaped
 
 
 @pytest.fixture(scope="module")
