@@ -81,12 +81,13 @@ class KVCacheManager:
             if num_needed > self.block_pool.num_free_blocks:
                 return None
             added.extend(self.block_pool.get_new_blocks(num_needed))
-        blocks.extend(added)
+        if added:
+            blocks.extend(added)
         if self.enable_prefix_caching:
             # Blocks whose tokens are all known and computed by the end of this step become
             # hits for later requests (and for ones in this same step: every layer writes the
             # step's KV before any request attends).
-            num_full = min(num_computed + num_new_tokens, request.num_tokens) // self.block_size
+            num_full = min(num_computed + num_new_tokens, len(request.all_token_ids)) // self.block_size
             if num_full > self.num_cached_blocks.get(request.request_id, 0):
                 self._cache_blocks(request, blocks, num_full)
         return added
