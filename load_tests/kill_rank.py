@@ -21,6 +21,7 @@ import random
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -100,7 +101,11 @@ async def run(args: argparse.Namespace, base_url: str, log_path: Path) -> bool:
             "model": model, "prompt": [rng.randrange(1000, 10000) for _ in range(args.prompt_len)],
             "max_tokens": args.max_tokens, "ignore_eos": True, "stream": True}, has_text, killed))
             for has_text in started]
-        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), timeout=120)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), timeout=120)
+        except asyncio.TimeoutError:
+            raise SystemExit(f"only {sum(e.is_set() for e in started)} of {args.streams} streams produced text "
+                             f"within 120 s: nothing was killed") from None
 
         os.kill(ranks[args.rank], signal.SIGKILL)
         killed.append(time.monotonic())
@@ -153,7 +158,10 @@ def main() -> int:
         ok = asyncio.run(run(args, f"http://127.0.0.1:{port}", log_path))
     finally:
         server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
     return 0 if ok else 1
 
 
