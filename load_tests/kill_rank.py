@@ -19,7 +19,6 @@ import json
 import os
 import random
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import aiohttp
 
-from load_tests.serve_sweep import free_port, start_server
+from load_tests.serve_sweep import start_server_in
 
 RANK_PID = re.compile(r"started tensor-parallel rank (\d+) \(pid (\d+)\)")
 ENGINE_PID = re.compile(r"started the engine core process \(pid (\d+)\)")
@@ -150,12 +149,9 @@ def main() -> int:
     args = parser.parse_args()
 
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log_path = out / "server.log"
-    server = start_server(args.model, port, shlex.split(args.server_args), log_path, args.startup_timeout)
+    server, base_url = start_server_in(out, args.model, args.server_args, args.startup_timeout)
     try:
-        ok = asyncio.run(run(args, f"http://127.0.0.1:{port}", log_path))
+        ok = asyncio.run(run(args, base_url, out / "server.log"))
     finally:
         server.send_signal(signal.SIGTERM)
         try:

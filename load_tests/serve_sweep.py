@@ -51,6 +51,14 @@ def start_server(model: str, port: int, server_args: list[str], log_path: Path,
     raise RuntimeError(f"the server {why}:\n{log_path.read_text()[-4000:]}")
 
 
+def start_server_in(out_dir: Path, model: str, server_args: str, timeout: float) -> tuple[subprocess.Popen, str]:
+    """`start_server` on a free port, its log in OUT_DIR/server.log: the server and its base URL."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    return (start_server(model, port, shlex.split(server_args), out_dir / "server.log", timeout),
+            f"http://127.0.0.1:{port}")
+
+
 # Server-side histograms whose means split TTFT: arrival -> first scheduled (queue) and first
 # scheduled -> first token (prefill), as the frontend records them.
 SPLIT_HISTOGRAMS = ("time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds")
@@ -100,11 +108,8 @@ def main() -> int:
     args = parser.parse_args()
 
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
     start = time.monotonic()
-    server = start_server(args.model, port, shlex.split(args.server_args), out / "server.log", args.startup_timeout)
+    server, base_url = start_server_in(out, args.model, args.server_args, args.startup_timeout)
     print(f"server up in {time.monotonic() - start:.0f} s", flush=True)
     rows, results = [], {}
     try:
