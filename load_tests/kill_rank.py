@@ -28,6 +28,7 @@ from pathlib import Path
 
 import aiohttp
 
+from load_tests.runner import served_model
 from load_tests.serve_sweep import start_server_in
 
 RANK_PID = re.compile(r"started tensor-parallel rank (\d+) \(pid (\d+)\)")
@@ -91,8 +92,7 @@ async def run(args: argparse.Namespace, base_url: str, log_path: Path) -> bool:
                          f"--tensor-parallel-size >= 2, and --rank ({args.rank}) must be one of them")
     timeout = aiohttp.ClientTimeout(total=None, sock_read=args.stream_timeout)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.get(f"{base_url}/v1/models") as response:
-            model = (await response.json())["data"][0]["id"]
+        model = await served_model(session, base_url, {})
         rng = random.Random(0)
         killed: list[float] = []
         started = [asyncio.Event() for _ in range(args.streams)]
